@@ -1,0 +1,518 @@
+//! Log events, the bounded channel they travel on, and the one thread that
+//! writes them to a sink (stdout, a file, or an HTTP collector).
+//!
+//! A request thread never blocks here: [`Logger`] uses `try_send`, and when
+//! the queue is full the event is dropped and counted; the count is itself
+//! logged (`log.dropped`) as soon as there is room. Only the log thread
+//! touches the sink, so a slow disk or a dead collector slows nothing else.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use serde_json::{Map, Value};
+
+/// Events queued beyond this are dropped (and counted). At a few hundred
+/// bytes an event this bounds the queue to a few MiB.
+pub const LOG_QUEUE_CAPACITY: usize = 16_384;
+/// Lines written or POSTed together.
+pub const LOG_BATCH_MAX_LINES: usize = 500;
+/// A `--logurl` batch is sent at the latest this long after its first line.
+pub const LOG_URL_FLUSH_SECS: u64 = 2;
+/// Lines kept for `--logurl` while the collector is failing; older lines are
+/// dropped (and counted) past this.
+pub const LOG_URL_BUFFER_MAX_BYTES: usize = 8 * 1024 * 1024;
+const LOG_URL_RETRY_MAX_SECS: u64 = 30;
+const LOG_URL_TIMEOUT_SECS: u64 = 10;
+/// How long shutdown waits for the log thread to write what it holds.
+pub const LOG_SHUTDOWN_GRACE_SECS: u64 = 5;
+const LOG_TICK_MILLIS: u64 = 200;
+
+/// One proxied request, sent from the request path; serialised on the log
+/// thread so workers do no JSON work.
+#[derive(Debug, Clone, Default)]
+pub struct RequestRecord {
+    pub host: String,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub upstream: Option<String>,
+    pub duration_ms: f64,
+    pub bytes: u64,
+    pub client_ip: Option<String>,
+    pub user_agent: Option<String>,
+    /// Why the router answered itself (no route, backend down, …).
+    pub error: Option<String>,
+}
+
+#[derive(Debug)]
+enum Payload {
+    Request(RequestRecord),
+    Event(&'static str, Map<String, Value>),
+    Shutdown,
+}
+
+#[derive(Debug)]
+struct Message {
+    at: SystemTime,
+    payload: Payload,
+}
+
+/// The sending side, cheap to clone into every thread.
+#[derive(Debug, Clone)]
+pub struct Logger {
+    tx: Sender<Message>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Logger {
+    /// Logs a named event; `fields` should be a JSON object (`json!({...})`).
+    pub fn event(&self, name: &'static str, fields: Value) {
+        let fields = match fields {
+            Value::Object(map) => map,
+            Value::Null => Map::new(),
+            other => {
+                let mut map = Map::new();
+                map.insert("message".into(), other);
+                map
+            }
+        };
+        self.send(Payload::Event(name, fields));
+    }
+
+    pub fn request(&self, record: RequestRecord) {
+        self.send(Payload::Request(record));
+    }
+
+    fn send(&self, payload: Payload) {
+        let msg = Message {
+            at: SystemTime::now(),
+            payload,
+        };
+        match self.tx.try_send(msg) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A logger that throws everything away (for tests and tools).
+    #[cfg(test)]
+    pub fn discard() -> Logger {
+        let (tx, _) = crossbeam_channel::bounded(0);
+        Logger {
+            tx,
+            dropped: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Events dropped so far because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Where log lines go.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Destination {
+    Stdout,
+    File(std::path::PathBuf),
+    Url(String),
+}
+
+/// The running log thread.
+pub struct LogThread {
+    handle: JoinHandle<()>,
+    tx: Sender<Message>,
+}
+
+impl LogThread {
+    /// Sends every queued event to the sink and stops the thread, waiting at
+    /// most [`LOG_SHUTDOWN_GRACE_SECS`].
+    pub fn shutdown(self) {
+        let grace = Duration::from_secs(LOG_SHUTDOWN_GRACE_SECS);
+        let msg = Message {
+            at: SystemTime::now(),
+            payload: Payload::Shutdown,
+        };
+        if self.tx.send_timeout(msg, grace).is_err() {
+            return;
+        }
+        let deadline = Instant::now() + grace;
+        while !self.handle.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.handle.is_finished() {
+            let _ = self.handle.join();
+        }
+    }
+}
+
+/// Opens the destination (so a bad `--logfile` fails before anything
+/// starts) and starts the log thread.
+pub fn start(dest: Destination) -> io::Result<(Logger, LogThread)> {
+    let sink = match dest {
+        Destination::Stdout => Sink::Stdout,
+        Destination::File(path) => Sink::File(open_log_file(&path)?),
+        Destination::Url(url) => Sink::Url(UrlSink::new(url)),
+    };
+    let (tx, rx) = crossbeam_channel::bounded(LOG_QUEUE_CAPACITY);
+    let dropped = Arc::new(AtomicU64::new(0));
+    let logger = Logger {
+        tx: tx.clone(),
+        dropped: Arc::clone(&dropped),
+    };
+    let handle = std::thread::Builder::new()
+        .name("log".into())
+        .spawn(move || run(rx, sink, dropped))?;
+    Ok((logger, LogThread { handle, tx }))
+}
+
+fn open_log_file(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+}
+
+fn run(rx: Receiver<Message>, mut sink: Sink, dropped: Arc<AtomicU64>) {
+    let mut reported_dropped = 0u64;
+    let mut batch: Vec<String> = Vec::with_capacity(LOG_BATCH_MAX_LINES);
+    let mut stopping = false;
+    while !stopping {
+        match rx.recv_timeout(Duration::from_millis(LOG_TICK_MILLIS)) {
+            Ok(msg) => {
+                stopping |= push_line(&mut batch, msg);
+                while batch.len() < LOG_BATCH_MAX_LINES {
+                    match rx.try_recv() {
+                        Ok(msg) => stopping |= push_line(&mut batch, msg),
+                        Err(_) => break,
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => stopping = true,
+        }
+        let now_dropped = dropped.load(Ordering::Relaxed) + sink.dropped_lines();
+        if now_dropped > reported_dropped {
+            let mut fields = Map::new();
+            fields.insert("dropped_total".into(), now_dropped.into());
+            fields.insert("dropped".into(), (now_dropped - reported_dropped).into());
+            batch.push(render_event(SystemTime::now(), "log.dropped", &fields));
+            reported_dropped = now_dropped;
+        }
+        sink.write(&mut batch);
+        sink.tick(Instant::now());
+    }
+    // Whatever is still queued (events sent just before shutdown).
+    while let Ok(msg) = rx.try_recv() {
+        push_line(&mut batch, msg);
+    }
+    sink.write(&mut batch);
+    sink.finish(Instant::now() + Duration::from_secs(LOG_SHUTDOWN_GRACE_SECS));
+}
+
+/// Renders `msg` onto `batch`; true when it is the shutdown marker.
+fn push_line(batch: &mut Vec<String>, msg: Message) -> bool {
+    match msg.payload {
+        Payload::Shutdown => return true,
+        Payload::Event(name, fields) => batch.push(render_event(msg.at, name, &fields)),
+        Payload::Request(r) => batch.push(render_request(msg.at, &r)),
+    }
+    false
+}
+
+fn render_event(at: SystemTime, name: &str, fields: &Map<String, Value>) -> String {
+    let mut line = String::with_capacity(128);
+    line.push_str("{\"timestamp\":\"");
+    line.push_str(&rfc3339(at));
+    line.push_str("\",\"event\":");
+    line.push_str(&Value::from(name).to_string());
+    line.push_str(",\"service\":\"httprouter\"");
+    for (k, v) in fields {
+        if matches!(k.as_str(), "timestamp" | "event" | "service") {
+            continue;
+        }
+        line.push(',');
+        line.push_str(&Value::from(k.as_str()).to_string());
+        line.push(':');
+        line.push_str(&v.to_string());
+    }
+    line.push('}');
+    line
+}
+
+fn render_request(at: SystemTime, r: &RequestRecord) -> String {
+    let mut f = Map::new();
+    f.insert("host".into(), r.host.clone().into());
+    f.insert("method".into(), r.method.clone().into());
+    f.insert("path".into(), r.path.clone().into());
+    f.insert("status".into(), r.status.into());
+    f.insert("upstream".into(), r.upstream.clone().into());
+    f.insert(
+        "duration_ms".into(),
+        ((r.duration_ms * 1000.0).round() / 1000.0).into(),
+    );
+    f.insert("bytes".into(), r.bytes.into());
+    f.insert("client_ip".into(), r.client_ip.clone().into());
+    f.insert("user_agent".into(), r.user_agent.clone().into());
+    if let Some(e) = &r.error {
+        f.insert("error".into(), e.clone().into());
+    }
+    render_event(at, "router.request", &f)
+}
+
+/// RFC 3339 UTC with microseconds, e.g. `2026-11-26T22:56:00.762817Z`.
+pub fn rfc3339(at: SystemTime) -> String {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_micros()
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian
+/// calendar (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+enum Sink {
+    Stdout,
+    File(File),
+    Url(UrlSink),
+}
+
+impl Sink {
+    /// Takes the lines out of `batch`.
+    fn write(&mut self, batch: &mut Vec<String>) {
+        if batch.is_empty() {
+            return;
+        }
+        match self {
+            Sink::Stdout => {
+                let out = io::stdout();
+                let mut out = out.lock();
+                // A closed stdout must not stop the router: lines are lost,
+                // nothing else.
+                let _ = write_lines(&mut out, batch).and_then(|_| out.flush());
+            }
+            Sink::File(file) => {
+                if let Err(e) = write_lines(file, batch) {
+                    eprintln!("httprouter: writing the log file failed: {e}");
+                }
+            }
+            Sink::Url(u) => u.push(batch),
+        }
+        batch.clear();
+    }
+
+    fn tick(&mut self, now: Instant) {
+        if let Sink::Url(u) = self {
+            u.tick(now, false);
+        }
+    }
+
+    fn finish(&mut self, deadline: Instant) {
+        if let Sink::Url(u) = self {
+            while !u.pending.is_empty() && Instant::now() < deadline {
+                if !u.tick(Instant::now(), true) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    fn dropped_lines(&self) -> u64 {
+        match self {
+            Sink::Url(u) => u.dropped,
+            _ => 0,
+        }
+    }
+}
+
+fn write_lines(w: &mut impl Write, lines: &[String]) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+    for l in lines {
+        buf.extend_from_slice(l.as_bytes());
+        buf.push(b'\n');
+    }
+    w.write_all(&buf)
+}
+
+/// Batches lines and POSTs them, newline-joined, to a collector. A failed
+/// POST is retried with exponential backoff; meanwhile lines are kept up to
+/// [`LOG_URL_BUFFER_MAX_BYTES`], the oldest dropped beyond that.
+struct UrlSink {
+    url: String,
+    agent: ureq::Agent,
+    pending: std::collections::VecDeque<String>,
+    pending_bytes: usize,
+    oldest_at: Option<Instant>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    dropped: u64,
+}
+
+impl UrlSink {
+    fn new(url: String) -> UrlSink {
+        UrlSink {
+            url,
+            agent: ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(LOG_URL_TIMEOUT_SECS))
+                .redirects(0)
+                .build(),
+            pending: Default::default(),
+            pending_bytes: 0,
+            oldest_at: None,
+            retry_at: None,
+            backoff: Duration::from_secs(1),
+            dropped: 0,
+        }
+    }
+
+    fn push(&mut self, batch: &mut Vec<String>) {
+        if self.pending.is_empty() {
+            self.oldest_at = Some(Instant::now());
+        }
+        for line in batch.drain(..) {
+            self.pending_bytes += line.len() + 1;
+            self.pending.push_back(line);
+        }
+        while self.pending_bytes > LOG_URL_BUFFER_MAX_BYTES {
+            match self.pending.pop_front() {
+                Some(l) => {
+                    self.pending_bytes -= l.len() + 1;
+                    self.dropped += 1;
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// POSTs one batch when one is due; true when a POST succeeded.
+    fn tick(&mut self, now: Instant, force: bool) -> bool {
+        if self.pending.is_empty() {
+            return false;
+        }
+        if self.retry_at.is_some_and(|t| now < t) {
+            return false;
+        }
+        let due = force
+            || self.pending.len() >= LOG_BATCH_MAX_LINES
+            || self
+                .oldest_at
+                .is_some_and(|t| now.duration_since(t) >= Duration::from_secs(LOG_URL_FLUSH_SECS));
+        if !due {
+            return false;
+        }
+        let n = self.pending.len().min(LOG_BATCH_MAX_LINES);
+        let mut body = String::new();
+        for line in self.pending.iter().take(n) {
+            body.push_str(line);
+            body.push('\n');
+        }
+        let result = self
+            .agent
+            .post(&self.url)
+            .set("Content-Type", "application/x-ndjson")
+            .send_string(&body);
+        match result {
+            Ok(_) => {
+                for _ in 0..n {
+                    if let Some(l) = self.pending.pop_front() {
+                        self.pending_bytes -= l.len() + 1;
+                    }
+                }
+                self.oldest_at = (!self.pending.is_empty()).then(Instant::now);
+                self.retry_at = None;
+                self.backoff = Duration::from_secs(1);
+                true
+            }
+            Err(e) => {
+                eprintln!(
+                    "httprouter: POST of {n} log lines to {} failed ({e}); retrying in {}s",
+                    self.url,
+                    self.backoff.as_secs()
+                );
+                self.retry_at = Some(now + self.backoff);
+                self.backoff = (self.backoff * 2).min(Duration::from_secs(LOG_URL_RETRY_MAX_SECS));
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let t = UNIX_EPOCH + Duration::from_micros(1_795_733_760_762_817);
+        assert_eq!(rfc3339(t), "2026-11-26T22:56:00.762817Z");
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn lines_are_json_with_the_common_fields() {
+        let mut fields = Map::new();
+        fields.insert("key".into(), "/domains/a\"b".into());
+        fields.insert("event".into(), "spoofed".into());
+        let line = render_event(UNIX_EPOCH, "route.add", &fields);
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["event"], "route.add");
+        assert_eq!(v["service"], "httprouter");
+        assert_eq!(v["key"], "/domains/a\"b");
+        assert!(line.starts_with("{\"timestamp\":\"1970-01-01T00:00:00.000000Z\""));
+    }
+
+    #[test]
+    fn full_queue_drops_and_counts_without_blocking() {
+        let (tx, _rx) = crossbeam_channel::bounded(2);
+        let logger = Logger {
+            tx,
+            dropped: Arc::new(AtomicU64::new(0)),
+        };
+        for _ in 0..5 {
+            logger.event("test", json!({}));
+        }
+        assert_eq!(logger.dropped(), 3);
+    }
+
+    #[test]
+    fn url_sink_bounds_its_buffer() {
+        let mut sink = UrlSink::new("http://127.0.0.1:9/".into());
+        let line = "x".repeat(1024);
+        let mut batch: Vec<String> = (0..10_000).map(|_| line.clone()).collect();
+        sink.push(&mut batch);
+        assert!(sink.pending_bytes <= LOG_URL_BUFFER_MAX_BYTES);
+        assert_eq!(sink.dropped as usize + sink.pending.len(), 10_000);
+    }
+}

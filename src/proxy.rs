@@ -1,0 +1,510 @@
+//! One request in, one response out: host → route → backend, with the
+//! header rules of a forwarding proxy.
+//!
+//! Works on the project's own types ([`IncomingRequest`],
+//! [`ProxyResponse`]); the server front and the backend client are edges
+//! that convert. Header rules live here and nowhere else. Never waits on
+//! etcd: the route table is a snapshot taken at the start of the request.
+
+use std::io::{Cursor, Read};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::backend::{BackendClient, BackendError, BackendRequest, BodyFraming};
+use crate::routes::{SharedTable, normalise_host};
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), plus the legacy `Keep-Alive` and
+/// `Proxy-Connection`: they describe one connection and must not be
+/// forwarded. Headers named in `Connection` are removed as well.
+/// `Expect` is answered by the server front (`100 Continue`) and must not
+/// make the backend send an interim response of its own.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpVersion {
+    Http10,
+    Http11,
+}
+
+/// A client request as the server front parsed it.
+#[derive(Debug, Clone)]
+pub struct IncomingRequest {
+    pub method: String,
+    /// The request-target as received: origin-form (`/path?q`) or
+    /// absolute-form (`http://host/path?q`).
+    pub target: String,
+    pub version: HttpVersion,
+    pub headers: Vec<(String, String)>,
+    pub peer: Option<SocketAddr>,
+}
+
+impl IncomingRequest {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The answer to send to the client.
+pub struct ProxyResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub length: Option<u64>,
+    pub body: Box<dyn Read + Send + 'static>,
+}
+
+/// A response plus what the request log needs to know about it.
+pub struct Outcome {
+    pub response: ProxyResponse,
+    /// The normalised host, or the raw `Host` value when it was unusable.
+    pub host: String,
+    pub upstream: Option<String>,
+    pub error: Option<String>,
+}
+
+pub struct Proxy {
+    table: Arc<SharedTable>,
+    client: BackendClient,
+}
+
+impl Proxy {
+    pub fn new(table: Arc<SharedTable>, client: BackendClient) -> Proxy {
+        Proxy { table, client }
+    }
+
+    pub fn handle(&self, req: &IncomingRequest, body: &mut dyn Read) -> Outcome {
+        let target = match RequestTarget::parse(&req.target) {
+            Some(t) => t,
+            None => return refuse(400, "bad request target", req.header("host").unwrap_or("")),
+        };
+        let host_values: Vec<&str> = req.header_values("host").collect();
+        // RFC 9112 §3.2: more than one Host, or none in HTTP/1.1, is a 400.
+        if host_values.len() > 1 {
+            return refuse(400, "more than one Host header", host_values[0]);
+        }
+        let raw_host = match (target.authority, host_values.first()) {
+            // RFC 9112 §3.2.2: the absolute-form authority wins over Host.
+            (Some(authority), _) => authority,
+            (None, Some(h)) => *h,
+            (None, None) if req.version == HttpVersion::Http10 => "",
+            (None, None) => return refuse(400, "missing Host header", ""),
+        };
+        let Some(host) = normalise_host(raw_host) else {
+            return refuse(400, "no usable host", raw_host);
+        };
+        let framing = match request_framing(req) {
+            Ok(f) => f,
+            Err(why) => return refuse(400, why, &host),
+        };
+
+        let table = self.table.load();
+        let Some(domain) = table.lookup(&host) else {
+            return refuse(503, "no route for this host", &host);
+        };
+
+        let headers = forward_headers(req, raw_host);
+        let mut last_error = None;
+        for backend in domain.rotation() {
+            let path = format!("{}{}", backend.base_path, target.path_and_query);
+            let out = BackendRequest {
+                method: &req.method,
+                authority: &backend.authority,
+                path_and_query: &path,
+                headers: &headers,
+                framing,
+            };
+            match self.client.send(&out, body) {
+                Ok(resp) => {
+                    let mut response = ProxyResponse {
+                        status: resp.status,
+                        headers: response_headers(resp.headers),
+                        length: resp.length,
+                        body: resp.body,
+                    };
+                    if req.method.eq_ignore_ascii_case("HEAD") {
+                        response.body = Box::new(std::io::empty());
+                    }
+                    return Outcome {
+                        response,
+                        host,
+                        upstream: Some(backend.url.clone()),
+                        error: None,
+                    };
+                }
+                // Nothing was sent: the next backend may take it.
+                Err(e @ BackendError::Connect { .. }) => {
+                    last_error = Some((backend.url.clone(), e));
+                }
+                Err(e) => return backend_failure(host, backend.url.clone(), e),
+            }
+        }
+        match last_error {
+            Some((url, e)) => backend_failure(host, url, e),
+            None => refuse(503, "no route for this host", &host),
+        }
+    }
+}
+
+/// The request-target split into what routing and forwarding need.
+#[derive(Debug, PartialEq)]
+struct RequestTarget<'a> {
+    authority: Option<&'a str>,
+    path_and_query: &'a str,
+}
+
+impl<'a> RequestTarget<'a> {
+    fn parse(target: &'a str) -> Option<RequestTarget<'a>> {
+        if target.starts_with('/') {
+            return Some(RequestTarget {
+                authority: None,
+                path_and_query: target,
+            });
+        }
+        let scheme_len = target
+            .get(..7)
+            .filter(|s| s.eq_ignore_ascii_case("http://"))
+            .map(|s| s.len())?;
+        let rest = &target[scheme_len..];
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(end);
+        if authority.is_empty() || authority.contains('@') {
+            return None;
+        }
+        let path_and_query = match path {
+            "" => "/",
+            p if p.starts_with('/') => p,
+            // `http://host?q`: rare enough to refuse rather than rewrite.
+            _ => return None,
+        };
+        Some(RequestTarget {
+            authority: Some(authority),
+            path_and_query,
+        })
+    }
+}
+
+/// Decides the body framing from the client's headers. Ambiguous framing
+/// is refused: a proxy that reads a body differently from its backend is a
+/// request-smuggling vector (RFC 9112 §6.3).
+fn request_framing(req: &IncomingRequest) -> Result<BodyFraming, &'static str> {
+    let te: Vec<&str> = req.header_values("transfer-encoding").collect();
+    if !te.is_empty() {
+        let last = te
+            .last()
+            .and_then(|v| v.rsplit(',').next())
+            .map(str::trim)
+            .unwrap_or("");
+        if !last.eq_ignore_ascii_case("chunked") {
+            return Err("Transfer-Encoding must end in chunked");
+        }
+        if connection_has(req, "upgrade") {
+            return Err("a chunked body on an upgrade request is not supported");
+        }
+        // Content-Length is ignored when Transfer-Encoding is present.
+        return Ok(BodyFraming::Chunked);
+    }
+    let mut length: Option<u64> = None;
+    for value in req.header_values("content-length") {
+        for part in value.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err("invalid Content-Length");
+            }
+            let n: u64 = part.parse().map_err(|_| "invalid Content-Length")?;
+            if length.is_some_and(|l| l != n) {
+                return Err("conflicting Content-Length values");
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) | None => BodyFraming::None,
+        Some(n) => BodyFraming::Sized(n),
+    })
+}
+
+fn connection_has(req: &IncomingRequest, token: &str) -> bool {
+    req.header_values("connection")
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// True for headers that must not cross the proxy in either direction.
+fn is_hop_by_hop(name: &str, connection_tokens: &[String]) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+        || connection_tokens
+            .iter()
+            .any(|t| name.eq_ignore_ascii_case(t))
+}
+
+fn connection_tokens<'a>(headers: impl Iterator<Item = &'a (String, String)>) -> Vec<String> {
+    headers
+        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, v)| v.split(','))
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// The headers sent to the backend: the client's end-to-end headers, its
+/// `Host` (as the original tool did), and the forwarding headers.
+fn forward_headers(req: &IncomingRequest, raw_host: &str) -> Vec<(String, String)> {
+    let tokens = connection_tokens(req.headers.iter());
+    let mut out = Vec::with_capacity(req.headers.len() + 3);
+    let mut forwarded_for: Vec<&str> = Vec::new();
+    for (name, value) in &req.headers {
+        if is_hop_by_hop(name, &tokens)
+            || name.eq_ignore_ascii_case("host")
+            || name.eq_ignore_ascii_case("content-length")
+            || name.eq_ignore_ascii_case("expect")
+            || name.eq_ignore_ascii_case("x-forwarded-proto")
+            || name.eq_ignore_ascii_case("x-forwarded-host")
+        {
+            continue;
+        }
+        if name.eq_ignore_ascii_case("x-forwarded-for") {
+            forwarded_for.push(value.trim());
+            continue;
+        }
+        out.push((name.clone(), value.clone()));
+    }
+    out.push(("Host".into(), raw_host.to_string()));
+    let client_ip = req.peer.map(|p| p.ip().to_string());
+    let mut xff = forwarded_for
+        .into_iter()
+        .filter(|v| !v.is_empty())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if let Some(ip) = client_ip {
+        if !xff.is_empty() {
+            xff.push_str(", ");
+        }
+        xff.push_str(&ip);
+    }
+    if !xff.is_empty() {
+        out.push(("X-Forwarded-For".into(), xff));
+    }
+    out.push(("X-Forwarded-Proto".into(), "http".into()));
+    out.push(("X-Forwarded-Host".into(), raw_host.to_string()));
+    out
+}
+
+/// The backend's headers minus hop-by-hop and framing headers (the server
+/// front frames the body itself).
+fn response_headers(headers: Vec<(String, String)>) -> Vec<(String, String)> {
+    let tokens = connection_tokens(headers.iter());
+    headers
+        .into_iter()
+        .filter(|(n, _)| !is_hop_by_hop(n, &tokens) && !n.eq_ignore_ascii_case("content-length"))
+        .collect()
+}
+
+fn backend_failure(host: String, upstream: String, e: BackendError) -> Outcome {
+    let (status, text) = match &e {
+        BackendError::Connect {
+            timed_out: true, ..
+        }
+        | BackendError::Timeout { .. } => (504, "backend did not answer in time"),
+        BackendError::BadRequest { .. } => (400, "request cannot be forwarded"),
+        _ => (502, "backend unavailable"),
+    };
+    let mut outcome = refuse(status, text, &host);
+    outcome.host = host;
+    outcome.upstream = Some(upstream);
+    outcome.error = Some(e.to_string());
+    outcome
+}
+
+/// An answer from the router itself: a short text body.
+fn refuse(status: u16, why: &str, host: &str) -> Outcome {
+    let text = format!("{status} {why}\n");
+    Outcome {
+        response: ProxyResponse {
+            status,
+            headers: vec![("Content-Type".into(), "text/plain; charset=utf-8".into())],
+            length: Some(text.len() as u64),
+            body: Box::new(Cursor::new(text.into_bytes())),
+        },
+        host: host.to_string(),
+        upstream: None,
+        error: Some(why.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(headers: &[(&str, &str)]) -> IncomingRequest {
+        IncomingRequest {
+            method: "GET".into(),
+            target: "/".into(),
+            version: HttpVersion::Http11,
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+            peer: Some("192.0.2.7:5555".parse().unwrap()),
+        }
+    }
+
+    fn names(headers: &[(String, String)]) -> Vec<String> {
+        headers
+            .iter()
+            .map(|(n, _)| n.to_ascii_lowercase())
+            .collect()
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_both_ways() {
+        let r = req(&[
+            ("Host", "a.com"),
+            ("Connection", "keep-alive, X-Secret"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Connection", "keep-alive"),
+            ("TE", "trailers"),
+            ("Trailer", "X-T"),
+            ("Transfer-Encoding", "chunked"),
+            ("Upgrade", "websocket"),
+            ("X-Secret", "1"),
+            ("Expect", "100-continue"),
+            ("Content-Length", "5"),
+            ("Accept", "*/*"),
+        ]);
+        let out = forward_headers(&r, "a.com");
+        assert_eq!(
+            names(&out),
+            [
+                "accept",
+                "host",
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-forwarded-host"
+            ]
+        );
+        let back = response_headers(vec![
+            ("Connection".into(), "close, X-Internal".into()),
+            ("X-Internal".into(), "1".into()),
+            ("Transfer-Encoding".into(), "chunked".into()),
+            ("Content-Length".into(), "3".into()),
+            ("Set-Cookie".into(), "a=1".into()),
+            ("Set-Cookie".into(), "b=2".into()),
+        ]);
+        assert_eq!(names(&back), ["set-cookie", "set-cookie"]);
+    }
+
+    #[test]
+    fn forwarding_headers() {
+        let r = req(&[
+            ("Host", "A.com:8080"),
+            ("X-Forwarded-For", "10.0.0.1"),
+            ("X-Forwarded-For", "10.0.0.2"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "evil"),
+            ("User-Agent", "test/1"),
+        ]);
+        let out = forward_headers(&r, "A.com:8080");
+        let get = |n: &str| {
+            out.iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(get("x-forwarded-for"), ["10.0.0.1, 10.0.0.2, 192.0.2.7"]);
+        assert_eq!(get("x-forwarded-proto"), ["http"]);
+        assert_eq!(get("x-forwarded-host"), ["A.com:8080"]);
+        assert_eq!(get("host"), ["A.com:8080"]);
+        assert_eq!(get("user-agent"), ["test/1"]);
+    }
+
+    #[test]
+    fn request_targets() {
+        assert_eq!(
+            RequestTarget::parse("/a?b"),
+            Some(RequestTarget {
+                authority: None,
+                path_and_query: "/a?b"
+            })
+        );
+        assert_eq!(
+            RequestTarget::parse("HTTP://Example.com:81/x?y"),
+            Some(RequestTarget {
+                authority: Some("Example.com:81"),
+                path_and_query: "/x?y"
+            })
+        );
+        assert_eq!(
+            RequestTarget::parse("http://example.com").map(|t| t.path_and_query),
+            Some("/")
+        );
+        for bad in [
+            "*",
+            "",
+            "example.com/x",
+            "https://a/",
+            "http:///x",
+            "http://u@a/",
+        ] {
+            assert_eq!(RequestTarget::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn body_framing() {
+        let f = |h: &[(&str, &str)]| request_framing(&req(h));
+        assert_eq!(f(&[]), Ok(BodyFraming::None));
+        assert_eq!(f(&[("Content-Length", "0")]), Ok(BodyFraming::None));
+        assert_eq!(f(&[("Content-Length", "12")]), Ok(BodyFraming::Sized(12)));
+        assert_eq!(
+            f(&[("Content-Length", "12"), ("Content-Length", "12")]),
+            Ok(BodyFraming::Sized(12))
+        );
+        assert_eq!(
+            f(&[("Transfer-Encoding", "chunked"), ("Content-Length", "3")]),
+            Ok(BodyFraming::Chunked)
+        );
+        assert!(f(&[("Content-Length", "12"), ("Content-Length", "13")]).is_err());
+        assert!(f(&[("Content-Length", "-1")]).is_err());
+        assert!(f(&[("Content-Length", "1e3")]).is_err());
+        assert!(f(&[("Content-Length", "99999999999999999999999")]).is_err());
+        assert!(f(&[("Transfer-Encoding", "gzip")]).is_err());
+        assert!(f(&[("Transfer-Encoding", "chunked"), ("Connection", "Upgrade")]).is_err());
+    }
+
+    #[test]
+    fn hosts_are_required_and_validated() {
+        let proxy = Proxy::new(
+            Arc::new(SharedTable::default()),
+            BackendClient::new(
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(1),
+                1,
+            ),
+        );
+        let status = |r: IncomingRequest| proxy.handle(&r, &mut std::io::empty()).response.status;
+        assert_eq!(status(req(&[])), 400);
+        assert_eq!(status(req(&[("Host", "a.com"), ("Host", "b.com")])), 400);
+        assert_eq!(status(req(&[("Host", "bad host")])), 400);
+        assert_eq!(status(req(&[("Host", "unknown.example")])), 503);
+        let mut r10 = req(&[]);
+        r10.version = HttpVersion::Http10;
+        assert_eq!(status(r10), 400);
+    }
+}

@@ -1,0 +1,411 @@
+//! The route table: host → backends, with round robin.
+//!
+//! A [`RouteTable`] is immutable once built. Discovery builds a whole new one
+//! for every change and publishes it through [`SharedTable`]; request workers
+//! take an `Arc` to the current table (a pointer copy under a read lock) and
+//! never see a half-applied change. Nothing here does I/O or blocks.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+/// One backend of a domain, parsed from an etcd value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// The etcd key that registered it, for logs.
+    pub key: String,
+    /// The value as registered, e.g. `http://10.0.0.5:8000`.
+    pub url: String,
+    /// `host:port` to connect to.
+    pub authority: String,
+    /// Path prefix of the backend URL without a trailing `/` (usually empty);
+    /// request paths are appended to it.
+    pub base_path: String,
+}
+
+/// Why an etcd value is not a usable backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadBackendUrl(pub &'static str);
+
+impl fmt::Display for BadBackendUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl Backend {
+    /// Accepts absolute `http://host[:port][/prefix]` URLs only: the value comes
+    /// from whoever can write to etcd, and anything else (empty values,
+    /// `https://`, free text, JSON) must be refused rather than guessed at.
+    pub fn parse(key: &str, value: &str) -> Result<Backend, BadBackendUrl> {
+        let value = value.trim();
+        if value.is_empty() {
+            return Err(BadBackendUrl("empty value"));
+        }
+        let url = url::Url::parse(value).map_err(|_| BadBackendUrl("not an absolute URL"))?;
+        if url.scheme() != "http" {
+            return Err(BadBackendUrl("only http:// backends are supported"));
+        }
+        let host = match url.host_str() {
+            Some(h) if !h.is_empty() => h,
+            _ => return Err(BadBackendUrl("URL has no host")),
+        };
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(BadBackendUrl(
+                "credentials in backend URLs are not supported",
+            ));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(BadBackendUrl(
+                "a backend URL cannot carry a query or fragment",
+            ));
+        }
+        let port = url.port_or_known_default().unwrap_or(80);
+        Ok(Backend {
+            key: key.to_string(),
+            url: value.to_string(),
+            authority: format!("{host}:{port}"),
+            base_path: url.path().trim_end_matches('/').to_string(),
+        })
+    }
+}
+
+/// The backends of one domain, in a stable order (by etcd key), with the
+/// round-robin cursor.
+#[derive(Debug)]
+pub struct Domain {
+    backends: Vec<Arc<Backend>>,
+    /// Shared with the same domain in the previous and next tables, so that a
+    /// change (a TTL renewal that re-sets a key, say) does not send the next
+    /// request back to the first backend: frequent changes would otherwise
+    /// pile load onto it.
+    cursor: Arc<AtomicUsize>,
+}
+
+impl Domain {
+    #[cfg(test)]
+    pub fn backends(&self) -> &[Arc<Backend>] {
+        &self.backends
+    }
+
+    /// The backends in the order to try them for one request: the round-robin
+    /// pick first, then the others once each (failover).
+    pub fn rotation(&self) -> impl Iterator<Item = &Arc<Backend>> {
+        let n = self.backends.len();
+        let start = if n == 0 {
+            0
+        } else {
+            self.cursor.fetch_add(1, Ordering::Relaxed) % n
+        };
+        (0..n).map(move |i| &self.backends[(start + i) % n])
+    }
+}
+
+/// Host → domain. Build one with [`RouteTable::build`].
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    domains: HashMap<String, Domain>,
+}
+
+impl RouteTable {
+    /// Builds a table from `(normalised domain, backend)` pairs, reusing the
+    /// round-robin cursors of `previous` for domains that continue.
+    pub fn build<'a>(
+        routes: impl IntoIterator<Item = (&'a str, Arc<Backend>)>,
+        previous: &RouteTable,
+    ) -> RouteTable {
+        let mut grouped: HashMap<String, Vec<Arc<Backend>>> = HashMap::new();
+        for (domain, backend) in routes {
+            grouped.entry(domain.to_string()).or_default().push(backend);
+        }
+        let domains = grouped
+            .into_iter()
+            .map(|(name, mut backends)| {
+                // etcd lists children in random order; sort so round robin and
+                // failover order do not change with every snapshot.
+                backends.sort_by(|a, b| a.key.cmp(&b.key));
+                let cursor = previous
+                    .domains
+                    .get(&name)
+                    .map(|d| Arc::clone(&d.cursor))
+                    .unwrap_or_default();
+                (name, Domain { backends, cursor })
+            })
+            .collect();
+        RouteTable { domains }
+    }
+
+    /// Finds the domain for a normalised host (see [`normalise_host`]): the
+    /// exact `host:port` first, then the host without its port, so keys
+    /// registered either way work.
+    pub fn lookup(&self, host: &str) -> Option<&Domain> {
+        if let Some(d) = self.domains.get(host) {
+            return Some(d);
+        }
+        let (name, port) = split_port(host);
+        port.and_then(|_| self.domains.get(name))
+    }
+
+    pub fn domain_count(&self) -> usize {
+        self.domains.len()
+    }
+}
+
+/// The current table. Written by discovery only; read by every worker.
+#[derive(Debug, Default)]
+pub struct SharedTable {
+    current: RwLock<Arc<RouteTable>>,
+}
+
+impl SharedTable {
+    pub fn load(&self) -> Arc<RouteTable> {
+        // A poisoned lock still holds a whole table: the writer only ever
+        // replaces the Arc, so there is no partial state to fear.
+        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn store(&self, table: RouteTable) {
+        let table = Arc::new(table);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = table;
+    }
+}
+
+/// Splits `name:port` / `[v6]:port` into the name and the port. A bare IPv6
+/// literal without brackets has no port.
+fn split_port(host: &str) -> (&str, Option<&str>) {
+    if host.starts_with('[') {
+        return match host.find("]:") {
+            Some(i) => (&host[..=i], Some(&host[i + 2..])),
+            None => (host, None),
+        };
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') => (name, Some(port)),
+        _ => (host, None),
+    }
+}
+
+/// Normalises a `Host` header value or a domain from an etcd key:
+/// lowercased (hosts are case-insensitive, RFC 3986 §3.2.2, and etcd keys are
+/// not), a trailing dot dropped (`example.com.` is the same name), the port
+/// kept. Returns `None` for something that cannot be a host: empty, a bad
+/// port, or characters that would let a value smuggle a path or userinfo.
+pub fn normalise_host(raw: &str) -> Option<String> {
+    let raw = raw.trim();
+    let (name, port) = split_port(raw);
+    if port.is_some_and(|p| p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit())) {
+        return None;
+    }
+    let name = if name.starts_with('[') {
+        if !name.ends_with(']')
+            || name.len() < 3
+            || !name[1..name.len() - 1]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return None;
+        }
+        name
+    } else {
+        let name = name.strip_suffix('.').unwrap_or(name);
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        {
+            return None;
+        }
+        name
+    };
+    let mut out = name.to_ascii_lowercase();
+    if let Some(port) = port {
+        out.push(':');
+        out.push_str(port);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(key: &str, url: &str) -> Arc<Backend> {
+        Arc::new(Backend::parse(key, url).expect("valid test URL"))
+    }
+
+    fn table(routes: &[(&str, &str, &str)], previous: &RouteTable) -> RouteTable {
+        RouteTable::build(routes.iter().map(|(d, k, u)| (*d, backend(k, u))), previous)
+    }
+
+    fn picks(t: &RouteTable, host: &str, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|_| {
+                let d = t.lookup(host).expect("domain present");
+                d.rotation().next().expect("a backend").key.clone()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn normalises_hosts() {
+        let cases = [
+            ("Example.COM", Some("example.com")),
+            ("example.com.", Some("example.com")),
+            ("example.com.:8080", Some("example.com:8080")),
+            ("EXAMPLE.com:80", Some("example.com:80")),
+            ("[::1]:8080", Some("[::1]:8080")),
+            ("[::1]", Some("[::1]")),
+            ("[FE80::1]", Some("[fe80::1]")),
+            ("127.0.0.1:3000", Some("127.0.0.1:3000")),
+            ("", None),
+            (".", None),
+            ("a.com:", None),
+            ("a.com:http", None),
+            ("a.com:123456", None),
+            ("a b.com", None),
+            ("user@a.com", None),
+            ("a.com/evil", None),
+            ("[::1", None),
+            ("[zz]", None),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(normalise_host(raw).as_deref(), want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn lookup_tries_host_port_then_host() {
+        let t = table(
+            &[
+                ("a.com", "/d/a.com/r", "http://127.0.0.1:1"),
+                ("a.com:8080", "/d/a.com:8080/r", "http://127.0.0.1:2"),
+                ("[::1]", "/d/[::1]/r", "http://127.0.0.1:3"),
+            ],
+            &RouteTable::default(),
+        );
+        let key = |h: &str| t.lookup(h).map(|d| d.backends()[0].key.clone());
+        assert_eq!(key("a.com:8080").as_deref(), Some("/d/a.com:8080/r"));
+        assert_eq!(key("a.com:9090").as_deref(), Some("/d/a.com/r"));
+        assert_eq!(key("a.com").as_deref(), Some("/d/a.com/r"));
+        assert_eq!(key("[::1]:8080").as_deref(), Some("/d/[::1]/r"));
+        assert_eq!(key("b.com"), None);
+    }
+
+    #[test]
+    fn round_robin_is_even_and_stable_across_rebuilds() {
+        let routes = [
+            ("a.com", "/d/a.com/1", "http://127.0.0.1:1"),
+            ("a.com", "/d/a.com/2", "http://127.0.0.1:2"),
+        ];
+        let t1 = table(&routes, &RouteTable::default());
+        assert_eq!(
+            picks(&t1, "a.com", 3),
+            ["/d/a.com/1", "/d/a.com/2", "/d/a.com/1"]
+        );
+        // A rebuild (e.g. a TTL key re-set) continues the rotation instead of
+        // starting over at the first backend.
+        let t2 = table(&routes, &t1);
+        assert_eq!(picks(&t2, "a.com", 2), ["/d/a.com/2", "/d/a.com/1"]);
+    }
+
+    #[test]
+    fn round_robin_follows_adds_removes_and_changes() {
+        let mut t = table(
+            &[
+                ("a.com", "/d/a.com/1", "http://127.0.0.1:1"),
+                ("a.com", "/d/a.com/2", "http://127.0.0.1:2"),
+                ("a.com", "/d/a.com/3", "http://127.0.0.1:3"),
+            ],
+            &RouteTable::default(),
+        );
+        // Remove the middle one: exactly the other two remain, alternating
+        // (the original tool's ring removal dropped the wrong element).
+        t = table(
+            &[
+                ("a.com", "/d/a.com/1", "http://127.0.0.1:1"),
+                ("a.com", "/d/a.com/3", "http://127.0.0.1:3"),
+            ],
+            &t,
+        );
+        let mut got = picks(&t, "a.com", 4);
+        got.sort();
+        assert_eq!(
+            got,
+            ["/d/a.com/1", "/d/a.com/1", "/d/a.com/3", "/d/a.com/3"]
+        );
+        // Change one URL and add one: every backend is served equally.
+        t = table(
+            &[
+                ("a.com", "/d/a.com/1", "http://127.0.0.1:11"),
+                ("a.com", "/d/a.com/3", "http://127.0.0.1:3"),
+                ("a.com", "/d/a.com/4", "http://127.0.0.1:4"),
+            ],
+            &t,
+        );
+        let mut urls: Vec<String> = (0..6)
+            .map(|_| {
+                t.lookup("a.com")
+                    .unwrap()
+                    .rotation()
+                    .next()
+                    .unwrap()
+                    .url
+                    .clone()
+            })
+            .collect();
+        urls.sort();
+        assert_eq!(
+            urls,
+            [
+                "http://127.0.0.1:11",
+                "http://127.0.0.1:11",
+                "http://127.0.0.1:3",
+                "http://127.0.0.1:3",
+                "http://127.0.0.1:4",
+                "http://127.0.0.1:4"
+            ]
+        );
+        // Remove all: the domain is gone.
+        t = table(&[], &t);
+        assert!(t.lookup("a.com").is_none());
+    }
+
+    #[test]
+    fn rotation_visits_each_backend_once() {
+        let t = table(
+            &[
+                ("a.com", "/d/a.com/1", "http://127.0.0.1:1"),
+                ("a.com", "/d/a.com/2", "http://127.0.0.1:2"),
+                ("a.com", "/d/a.com/3", "http://127.0.0.1:3"),
+            ],
+            &RouteTable::default(),
+        );
+        let d = t.lookup("a.com").unwrap();
+        d.rotation().next();
+        let order: Vec<_> = d.rotation().map(|b| b.key.as_str()).collect();
+        assert_eq!(order, ["/d/a.com/2", "/d/a.com/3", "/d/a.com/1"]);
+    }
+
+    #[test]
+    fn backend_urls() {
+        let b = Backend::parse("k", " http://10.0.0.5:8000 \n").unwrap();
+        assert_eq!(b.authority, "10.0.0.5:8000");
+        assert_eq!(b.base_path, "");
+        let b = Backend::parse("k", "http://backend.local/app/").unwrap();
+        assert_eq!(b.authority, "backend.local:80");
+        assert_eq!(b.base_path, "/app");
+        for bad in [
+            "",
+            "not a url at all",
+            "10.0.0.1:80",
+            "https://10.0.0.1",
+            "http://",
+            "http://u:p@10.0.0.1",
+            "http://10.0.0.1/?q=1",
+            "{\"host\":\"10.0.0.1\"}",
+        ] {
+            assert!(Backend::parse("k", bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}
