@@ -38,7 +38,7 @@ pub struct BackendResponse {
     pub headers: Vec<(String, String)>,
     /// `Content-Length` when the backend sent a valid one.
     pub length: Option<u64>,
-    pub body: Box<dyn Read + Send + Sync + 'static>,
+    pub body: Box<dyn Read + Send + 'static>,
 }
 
 #[derive(Debug)]
@@ -74,21 +74,36 @@ pub struct BackendClient {
     agent: ureq::Agent,
 }
 
+/// Idle pooled connections older than this are not reused: many servers
+/// close idle keep-alive connections after 5 s, and reusing one just as it
+/// closes fails the request.
+const POOL_IDLE_MAX_SECS: u64 = 4;
+
 impl BackendClient {
     /// `pool_size` idle keep-alive connections are kept per backend; one per
     /// worker means a busy domain never has to reconnect.
     pub fn new(connect_timeout: Duration, response_timeout: Duration, pool_size: usize) -> Self {
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(connect_timeout)
-            // Per socket read: bounds the wait for the response head and
-            // every pause inside the body.
-            .timeout_read(response_timeout)
-            .timeout_write(response_timeout)
-            .redirects(0)
+        let agent = ureq::Agent::config_builder()
+            // A proxy from the environment (http_proxy) must not capture
+            // backend traffic.
+            .proxy(None)
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .max_redirects_will_error(false)
+            .user_agent("")
+            .accept("")
+            .accept_encoding("")
+            .allow_non_standard_methods(true)
+            .timeout_connect(Some(connect_timeout))
+            .timeout_recv_response(Some(response_timeout))
+            // Per read and write: the longest pause inside a body.
+            .timeout_per_read(Some(response_timeout))
+            .timeout_per_write(Some(response_timeout))
             .max_idle_connections(pool_size.saturating_mul(4).max(16))
             .max_idle_connections_per_host(pool_size.max(1))
-            .user_agent("")
-            .build();
+            .max_idle_age(Duration::from_secs(POOL_IDLE_MAX_SECS))
+            .build()
+            .new_agent();
         BackendClient { agent }
     }
 
@@ -99,77 +114,86 @@ impl BackendClient {
         req: &BackendRequest<'_>,
         body: &mut dyn Read,
     ) -> Result<BackendResponse, BackendError> {
-        let url = format!("http://{}{}", req.authority, req.path_and_query);
-        let mut out = self.agent.request(req.method, &url);
+        let uri = format!("http://{}{}", req.authority, req.path_and_query);
+        let mut builder = ureq::http::Request::builder()
+            .method(req.method)
+            .uri(uri);
         for (name, value) in req.headers {
-            out = add_header(out, name, value);
+            builder = builder.header(name.as_str(), value.as_str());
         }
         let result = match req.framing {
-            BodyFraming::None => out.call(),
-            BodyFraming::Sized(n) => out.set("Content-Length", &n.to_string()).send(body.take(n)),
-            BodyFraming::Chunked => out.send(body),
+            BodyFraming::None => builder
+                .body(ureq::SendBody::none())
+                .map(|r| self.agent.run(r)),
+            BodyFraming::Sized(n) => {
+                let mut limited = body.take(n);
+                builder
+                    .header("Content-Length", n)
+                    .body(ureq::SendBody::from_reader(&mut limited))
+                    .map(|r| self.agent.run(r))
+            }
+            BodyFraming::Chunked => builder
+                .body(ureq::SendBody::from_reader(body))
+                .map(|r| self.agent.run(r)),
         };
         let resp = match result {
-            Ok(resp) => resp,
-            // Status codes pass through unchanged: 4xx/5xx are answers too.
-            Err(ureq::Error::Status(_, resp)) => resp,
-            Err(ureq::Error::Transport(t)) => return Err(classify(t)),
-        };
-        let mut headers = Vec::new();
-        for name in resp.headers_names() {
-            for value in resp.all(&name) {
-                headers.push((name.clone(), value.to_string()));
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => return Err(classify(e)),
+            Err(e) => {
+                return Err(BackendError::BadRequest {
+                    detail: e.to_string(),
+                });
             }
-        }
-        let length = match resp.all("content-length").as_slice() {
-            [one] => one.trim().parse().ok(),
+        };
+        let (parts, body) = resp.into_parts();
+        let headers = parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect();
+        let mut lengths = parts.headers.get_all("content-length").iter();
+        let length = match (lengths.next(), lengths.next()) {
+            (Some(one), None) => one.to_str().ok().and_then(|v| v.trim().parse().ok()),
             _ => None,
         };
         Ok(BackendResponse {
-            status: resp.status(),
+            status: parts.status.as_u16(),
             headers,
             length,
-            body: resp.into_reader(),
+            body: Box::new(body.into_reader()),
         })
     }
 }
 
-/// ureq's `set` replaces a header of the same name (except `X-…`); repeated
-/// request headers are joined into one list value (RFC 9110 §5.3), which is
-/// what a recipient may do anyway. `Cookie` is joined with `; `
-/// (RFC 6265 §5.4).
-fn add_header(req: ureq::Request, name: &str, value: &str) -> ureq::Request {
-    match req.header(name) {
-        Some(existing) if !name.to_ascii_lowercase().starts_with("x-") => {
-            let sep = if name.eq_ignore_ascii_case("cookie") {
-                "; "
-            } else {
-                ", "
-            };
-            let joined = format!("{existing}{sep}{value}");
-            req.set(name, &joined)
+fn classify(e: ureq::Error) -> BackendError {
+    use ureq::{Error, Timeout};
+    let detail = e.to_string();
+    match e {
+        // Failures before a connection existed: nothing was sent.
+        Error::ConnectionFailed | Error::HostNotFound => BackendError::Connect {
+            timed_out: false,
+            detail,
+        },
+        Error::Timeout(Timeout::Connect | Timeout::Resolve) => BackendError::Connect {
+            timed_out: true,
+            detail,
+        },
+        Error::Io(ref io) if io.kind() == io::ErrorKind::ConnectionRefused => {
+            BackendError::Connect {
+                timed_out: false,
+                detail,
+            }
         }
-        _ => req.set(name, value),
-    }
-}
-
-fn classify(t: ureq::Transport) -> BackendError {
-    let detail = t.to_string();
-    let io_kind = std::error::Error::source(&t)
-        .and_then(|s| s.downcast_ref::<io::Error>())
-        .map(io::Error::kind);
-    let timed_out = matches!(
-        io_kind,
-        Some(io::ErrorKind::TimedOut) | Some(io::ErrorKind::WouldBlock)
-    );
-    match t.kind() {
-        ureq::ErrorKind::ConnectionFailed | ureq::ErrorKind::Dns => {
-            BackendError::Connect { timed_out, detail }
+        Error::Timeout(_) => BackendError::Timeout { detail },
+        Error::Io(ref io)
+            if matches!(
+                io.kind(),
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+            ) =>
+        {
+            BackendError::Timeout { detail }
         }
-        ureq::ErrorKind::InvalidUrl | ureq::ErrorKind::UnknownScheme => {
-            BackendError::BadRequest { detail }
-        }
-        _ if timed_out => BackendError::Timeout { detail },
+        Error::BadUri(_) | Error::Http(_) => BackendError::BadRequest { detail },
         _ => BackendError::Failed { detail },
     }
 }

@@ -11,6 +11,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::httpurl::HttpUrl;
+
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ETCD_URLS: &str = "http://127.0.0.1:2379,http://127.0.0.1:4001";
 pub const DEFAULT_ETCD_KEY: &str = "/domains";
@@ -228,17 +230,13 @@ fn parse_etcd_urls(value: &str) -> Result<Vec<String>, UsageError> {
     let mut urls = Vec::new();
     for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let url = parse_http_url("--etcdurl", part)?;
-        // Keep the origin only: request paths are built from it.
-        let mut origin = format!("http://{}", url.host_str().unwrap_or_default());
-        if let Some(port) = url.port() {
-            origin.push_str(&format!(":{port}"));
-        }
-        if url.path() != "/" && !url.path().is_empty() {
+        if url.path != "/" {
             return Err(UsageError(format!(
                 "--etcdurl '{part}': give the endpoint only (http://host:port), without a path"
             )));
         }
-        urls.push(origin);
+        // Keep the origin only: request paths are built from it.
+        urls.push(format!("http://{}", url.authority()));
     }
     if urls.is_empty() {
         return Err(UsageError("--etcdurl: no endpoint given".into()));
@@ -246,18 +244,8 @@ fn parse_etcd_urls(value: &str) -> Result<Vec<String>, UsageError> {
     Ok(urls)
 }
 
-fn parse_http_url(flag: &str, value: &str) -> Result<url::Url, UsageError> {
-    let url = url::Url::parse(value)
-        .map_err(|e| UsageError(format!("{flag} '{value}': not a URL ({e})")))?;
-    if url.scheme() != "http" {
-        return Err(UsageError(format!(
-            "{flag} '{value}': only http:// URLs are supported"
-        )));
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(UsageError(format!("{flag} '{value}': URL has no host")));
-    }
-    Ok(url)
+fn parse_http_url(flag: &str, value: &str) -> Result<HttpUrl, UsageError> {
+    HttpUrl::parse(value).map_err(|why| UsageError(format!("{flag} '{value}': {why}")))
 }
 
 /// `/domains/` and `domains` both mean `/domains`; `/` means the whole

@@ -182,24 +182,26 @@ impl EtcdV2 {
         if dir.is_empty() {
             keys_path.push('/');
         }
-        let agent = |read: u64, total: Option<u64>| {
-            let mut b = ureq::AgentBuilder::new()
-                .timeout_connect(Duration::from_secs(CONNECT_TIMEOUT_SECS))
-                .timeout_read(Duration::from_secs(read))
-                .timeout_write(Duration::from_secs(CONNECT_TIMEOUT_SECS))
-                .redirects(0)
-                .user_agent(concat!("httprouter/", env!("CARGO_PKG_VERSION")));
-            if let Some(t) = total {
-                b = b.timeout(Duration::from_secs(t));
-            }
-            b.build()
+        let agent = |global: Option<u64>| {
+            ureq::Agent::config_builder()
+                .proxy(None)
+                .http_status_as_error(false)
+                .max_redirects(0)
+                .max_redirects_will_error(false)
+                .user_agent(concat!("httprouter/", env!("CARGO_PKG_VERSION")))
+                .timeout_connect(Some(Duration::from_secs(CONNECT_TIMEOUT_SECS)))
+                .timeout_recv_response(Some(Duration::from_secs(SNAPSHOT_TIMEOUT_SECS)))
+                .timeout_per_read(Some(Duration::from_secs(WATCH_IDLE_TIMEOUT_SECS)))
+                .timeout_global(global.map(Duration::from_secs))
+                .build()
+                .new_agent()
         };
         EtcdV2 {
             endpoints,
             current: 0,
             keys_path,
-            snapshot_agent: agent(SNAPSHOT_TIMEOUT_SECS, Some(SNAPSHOT_TIMEOUT_SECS)),
-            watch_agent: agent(WATCH_IDLE_TIMEOUT_SECS, None),
+            snapshot_agent: agent(Some(SNAPSHOT_TIMEOUT_SECS)),
+            watch_agent: agent(None),
         }
     }
 
@@ -217,17 +219,19 @@ impl EtcdV2 {
     pub fn snapshot(&self) -> Result<Snapshot, EtcdError> {
         let endpoint = self.endpoint().to_string();
         let url = format!("{endpoint}{}?recursive=true&quorum=true", self.keys_path);
-        let resp = match self.snapshot_agent.get(&url).call() {
-            Ok(resp) => resp,
-            Err(ureq::Error::Status(404, resp)) => {
-                let Some(index) = etcd_index(&resp) else {
-                    return Err(EtcdError::V2Disabled { endpoint });
-                };
-                let body = read_json(resp, &endpoint)?;
-                // errorCode 100: the directory does not exist yet: no routes.
+        let answer = get(&self.snapshot_agent, &url, &endpoint)?;
+        let index = answer.etcd_index;
+        match answer.status {
+            200 => {}
+            // 404 without X-Etcd-Index: not etcd's v2 "key not found" but a
+            // server without the v2 API (trap 11).
+            404 if index.is_none() => return Err(EtcdError::V2Disabled { endpoint }),
+            404 => {
+                let body = answer.json()?;
                 if body["errorCode"].as_u64() == Some(100) {
+                    // The directory does not exist yet: no routes.
                     return Ok(Snapshot {
-                        index,
+                        index: index.unwrap_or_default(),
                         leaves: Vec::new(),
                         root_is_leaf: false,
                     });
@@ -235,18 +239,18 @@ impl EtcdV2 {
                 return Err(EtcdError::Status {
                     endpoint,
                     status: 404,
-                    body: body.to_string(),
+                    body: clip(&body),
                 });
             }
-            Err(e) => return Err(request_error(e, endpoint)),
-        };
-        let Some(index) = etcd_index(&resp) else {
+            _ => return Err(answer.status_error()),
+        }
+        let Some(index) = index else {
             return Err(EtcdError::BadAnswer {
                 endpoint,
                 detail: "snapshot without X-Etcd-Index".into(),
             });
         };
-        let body = read_json(resp, &endpoint)?;
+        let body = answer.json()?;
         let node = &body["node"];
         let mut leaves = Vec::new();
         let root_is_leaf = node["dir"].as_bool() != Some(true);
@@ -275,10 +279,12 @@ impl EtcdV2 {
             "{endpoint}{}?wait=true&recursive=true&waitIndex={wait_index}",
             self.keys_path
         );
-        let resp = match self.watch_agent.get(&url).call() {
-            Ok(resp) => resp,
-            Err(ureq::Error::Status(400, resp)) => {
-                let body = read_json(resp, &endpoint)?;
+        let answer = get(&self.watch_agent, &url, &endpoint)?;
+        match answer.status {
+            200 => {}
+            404 if answer.etcd_index.is_none() => return Err(EtcdError::V2Disabled { endpoint }),
+            400 => {
+                let body = answer.json()?;
                 if body["errorCode"].as_u64() == Some(401) {
                     return Ok(WaitOutcome::HistoryCleared {
                         detail: body["cause"].as_str().unwrap_or_default().to_string(),
@@ -287,16 +293,13 @@ impl EtcdV2 {
                 return Err(EtcdError::Status {
                     endpoint,
                     status: 400,
-                    body: body.to_string(),
+                    body: clip(&body),
                 });
             }
-            Err(ureq::Error::Status(404, resp)) if etcd_index(&resp).is_none() => {
-                return Err(EtcdError::V2Disabled { endpoint });
-            }
-            Err(e) => return Err(request_error(e, endpoint)),
-        };
-        let index = etcd_index(&resp);
-        if let Some(etcd_index) = index {
+            _ => return Err(answer.status_error()),
+        }
+        let etcd_index = answer.etcd_index;
+        if let Some(etcd_index) = etcd_index {
             // The header is the index when the wait was registered; it can
             // only be below what we already saw if the store was wiped.
             if etcd_index + 1 < wait_index {
@@ -306,20 +309,106 @@ impl EtcdV2 {
                 });
             }
         }
-        let body = match read_json(resp, &endpoint) {
-            Ok(body) => body,
-            Err(EtcdError::Unreachable { detail, .. }) if detail.starts_with(IDLE_MARK) => {
-                return Ok(WaitOutcome::Idle { etcd_index: index });
+        let body = match answer.read() {
+            Ok(bytes) => bytes,
+            Err(BodyError::Idle) => return Ok(WaitOutcome::Idle { etcd_index }),
+            Err(BodyError::Cut(detail)) => {
+                return Err(EtcdError::Unreachable { endpoint, detail });
             }
-            Err(e) => return Err(e),
         };
-        parse_event(&body)
+        let value: Value = serde_json::from_slice(&body).map_err(|e| EtcdError::BadAnswer {
+            endpoint: endpoint.clone(),
+            detail: format!("invalid JSON ({e})"),
+        })?;
+        parse_event(&value)
             .map(WaitOutcome::Event)
             .map_err(|detail| EtcdError::BadAnswer { endpoint, detail })
     }
 }
 
-const IDLE_MARK: &str = "idle:";
+/// An answer whose head has arrived; the body is read on demand.
+struct Answer {
+    endpoint: String,
+    status: u16,
+    etcd_index: Option<WatchIndex>,
+    body: ureq::Body,
+}
+
+enum BodyError {
+    /// No byte for the per-read timeout.
+    Idle,
+    /// The connection ended before the body was complete (etcd stopped or
+    /// killed mid-answer): "reconnect", never "no change".
+    Cut(String),
+}
+
+fn get(agent: &ureq::Agent, url: &str, endpoint: &str) -> Result<Answer, EtcdError> {
+    let resp = agent.get(url).call().map_err(|e| EtcdError::Unreachable {
+        endpoint: endpoint.to_string(),
+        detail: e.to_string(),
+    })?;
+    let etcd_index = resp
+        .headers()
+        .get("X-Etcd-Index")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok());
+    let status = resp.status().as_u16();
+    Ok(Answer {
+        endpoint: endpoint.to_string(),
+        status,
+        etcd_index,
+        body: resp.into_body(),
+    })
+}
+
+impl Answer {
+    fn read(self) -> Result<Vec<u8>, BodyError> {
+        let mut out = Vec::new();
+        let mut reader = self.body.into_reader().take(MAX_BODY_BYTES);
+        match reader.read_to_end(&mut out) {
+            Ok(_) => Ok(out),
+            Err(e) if is_timeout(&e) => Err(BodyError::Idle),
+            Err(e) => Err(BodyError::Cut(format!("connection cut mid-answer ({e})"))),
+        }
+    }
+
+    fn json(self) -> Result<Value, EtcdError> {
+        let endpoint = self.endpoint.clone();
+        let bytes = self.read().map_err(|e| EtcdError::Unreachable {
+            endpoint: endpoint.clone(),
+            detail: match e {
+                BodyError::Idle => format!("no data for {WATCH_IDLE_TIMEOUT_SECS}s"),
+                BodyError::Cut(d) => d,
+            },
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| EtcdError::BadAnswer {
+            endpoint,
+            detail: format!("invalid JSON ({e})"),
+        })
+    }
+
+    fn status_error(self) -> EtcdError {
+        let mut body = Vec::new();
+        let _ = self.body.into_reader().take(512).read_to_end(&mut body);
+        EtcdError::Status {
+            endpoint: self.endpoint,
+            status: self.status,
+            body: String::from_utf8_lossy(&body).trim().to_string(),
+        }
+    }
+}
+
+/// ureq reports a per-read timeout inside the body reader as an `io::Error`
+/// wrapping its own `Error::Timeout`.
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+    ) || e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<ureq::Error>())
+        .is_some_and(|u| matches!(u, ureq::Error::Timeout(_)))
+}
 
 /// Percent-encodes everything but RFC 3986 unreserved characters: etcd
 /// decodes `%2F` into a real `/` and keeps `+` as is (trap 10), so a
@@ -332,60 +421,6 @@ fn percent_encode_segment(segment: &str, out: &mut String) {
             out.push_str(&format!("%{b:02X}"));
         }
     }
-}
-
-fn etcd_index(resp: &ureq::Response) -> Option<WatchIndex> {
-    resp.header("X-Etcd-Index")?.trim().parse().ok()
-}
-
-fn request_error(e: ureq::Error, endpoint: String) -> EtcdError {
-    match e {
-        ureq::Error::Status(status, resp) => {
-            let mut body = String::new();
-            let _ = resp.into_reader().take(512).read_to_string(&mut body);
-            EtcdError::Status {
-                endpoint,
-                status,
-                body: body.trim().to_string(),
-            }
-        }
-        ureq::Error::Transport(t) => EtcdError::Unreachable {
-            endpoint,
-            detail: t.to_string(),
-        },
-    }
-}
-
-/// Reads a whole JSON body. A read that times out is reported with
-/// [`IDLE_MARK`] so `wait` can tell an idle watch from a broken one; an EOF
-/// before the body is complete (etcd stopped or killed mid-wait) is an
-/// error, never "no change".
-fn read_json(resp: ureq::Response, endpoint: &str) -> Result<Value, EtcdError> {
-    let reader = resp.into_reader().take(MAX_BODY_BYTES);
-    serde_json::from_reader(std::io::BufReader::new(reader)).map_err(|e| {
-        let timed_out = e.io_error_kind().is_some_and(|k| {
-            matches!(
-                k,
-                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
-            )
-        });
-        if timed_out {
-            EtcdError::Unreachable {
-                endpoint: endpoint.to_string(),
-                detail: format!("{IDLE_MARK} no data for {WATCH_IDLE_TIMEOUT_SECS}s"),
-            }
-        } else if e.is_eof() || e.is_io() {
-            EtcdError::Unreachable {
-                endpoint: endpoint.to_string(),
-                detail: format!("connection cut mid-answer ({e})"),
-            }
-        } else {
-            EtcdError::BadAnswer {
-                endpoint: endpoint.to_string(),
-                detail: format!("invalid JSON ({e})"),
-            }
-        }
-    })
 }
 
 fn collect_leaves(node: &Value, out: &mut Vec<Leaf>) {

@@ -381,10 +381,12 @@ impl UrlSink {
     fn new(url: String) -> UrlSink {
         UrlSink {
             url,
-            agent: ureq::AgentBuilder::new()
-                .timeout(Duration::from_secs(LOG_URL_TIMEOUT_SECS))
-                .redirects(0)
-                .build(),
+            agent: ureq::Agent::config_builder()
+                .proxy(None)
+                .max_redirects(0)
+                .timeout_global(Some(Duration::from_secs(LOG_URL_TIMEOUT_SECS)))
+                .build()
+                .new_agent(),
             pending: Default::default(),
             pending_bytes: 0,
             oldest_at: None,
@@ -438,8 +440,8 @@ impl UrlSink {
         let result = self
             .agent
             .post(&self.url)
-            .set("Content-Type", "application/x-ndjson")
-            .send_string(&body);
+            .header("Content-Type", "application/x-ndjson")
+            .send(body.as_bytes());
         match result {
             Ok(_) => {
                 for _ in 0..n {

@@ -10,6 +10,7 @@ mod backend;
 mod cli;
 mod discovery;
 mod etcd_v2;
+mod httpurl;
 mod log;
 mod proxy;
 mod routes;
@@ -44,7 +45,28 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(config) {
+    let destination = match (&config.log_file, &config.log_url) {
+        (Some(path), _) => log::Destination::File(path.clone()),
+        (None, Some(url)) => log::Destination::Url(url.clone()),
+        (None, None) => log::Destination::Stdout,
+    };
+    // Opening the log file is the last check of the command line: a path
+    // that cannot be written is a bad flag value, reported as such.
+    let (logger, log_thread) = match log::start(destination.clone()) {
+        Ok(started) => started,
+        Err(e) => {
+            match &destination {
+                log::Destination::File(p) => {
+                    eprintln!("httprouter: --logfile {}: {e}", p.display());
+                    eprintln!("Try 'httprouter --help' for the list of flags.");
+                    return ExitCode::from(2);
+                }
+                _ => eprintln!("httprouter: cannot start logging: {e}"),
+            }
+            return ExitCode::from(1);
+        }
+    };
+    match run(config, logger, log_thread) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("httprouter: {e}");
@@ -53,16 +75,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config) -> Result<(), String> {
-    let destination = match (&config.log_file, &config.log_url) {
-        (Some(path), _) => log::Destination::File(path.clone()),
-        (None, Some(url)) => log::Destination::Url(url.clone()),
-        (None, None) => log::Destination::Stdout,
-    };
-    let (logger, log_thread) = log::start(destination.clone()).map_err(|e| match &destination {
-        log::Destination::File(p) => format!("--logfile {}: {e}", p.display()),
-        _ => format!("cannot start logging: {e}"),
-    })?;
+fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Result<(), String> {
 
     // Registered before anything serves, so an early signal is not lost.
     let signalled = Arc::new(AtomicBool::new(false));
