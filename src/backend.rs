@@ -115,9 +115,7 @@ impl BackendClient {
         body: &mut dyn Read,
     ) -> Result<BackendResponse, BackendError> {
         let uri = format!("http://{}{}", req.authority, req.path_and_query);
-        let mut builder = ureq::http::Request::builder()
-            .method(req.method)
-            .uri(uri);
+        let mut builder = ureq::http::Request::builder().method(req.method).uri(uri);
         for (name, value) in req.headers {
             builder = builder.header(name.as_str(), value.as_str());
         }
@@ -149,7 +147,12 @@ impl BackendClient {
         let headers = parts
             .headers
             .iter()
-            .map(|(n, v)| (n.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect();
         let mut lengths = parts.headers.get_all("content-length").iter();
         let length = match (lengths.next(), lengths.next()) {

@@ -73,9 +73,15 @@ mod tests {
     #[test]
     fn accepts_plain_http_urls() {
         let u = HttpUrl::parse(" http://10.0.0.5:8000 \n").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("10.0.0.5", 8000, "/"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("10.0.0.5", 8000, "/")
+        );
         let u = HttpUrl::parse("HTTP://Backend.local/app/").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("backend.local", 80, "/app/"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("backend.local", 80, "/app/")
+        );
         let u = HttpUrl::parse("http://[::1]:9000").unwrap();
         assert_eq!(u.authority(), "[::1]:9000");
     }

@@ -76,7 +76,6 @@ fn main() -> ExitCode {
 }
 
 fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Result<(), String> {
-
     // Registered before anything serves, so an early signal is not lost.
     let signalled = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

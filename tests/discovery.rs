@@ -12,7 +12,11 @@ const D: &str = "/domains";
 #[test]
 fn deleted_key_leaves_the_pool_and_updated_key_changes_backend() {
     let etcd = Etcd::start();
-    let (b1, b2, b3) = (Backend::start("b1"), Backend::start("b2"), Backend::start("b3"));
+    let (b1, b2, b3) = (
+        Backend::start("b1"),
+        Backend::start("b2"),
+        Backend::start("b3"),
+    );
     etcd.put(&format!("{D}/chg.example.com/one"), &b1.url());
     etcd.put(&format!("{D}/chg.example.com/two"), &b2.url());
     let router = Router::start(&etcd.url(), &[]);
@@ -20,11 +24,15 @@ fn deleted_key_leaves_the_pool_and_updated_key_changes_backend() {
 
     etcd.delete(&format!("{D}/chg.example.com/two"));
     router.wait_backends("chg.example.com", &["b1"]);
-    router.wait_event("route.remove", |e| e["key"] == format!("{D}/chg.example.com/two"));
+    router.wait_event("route.remove", |e| {
+        e["key"] == format!("{D}/chg.example.com/two")
+    });
 
     etcd.put(&format!("{D}/chg.example.com/one"), &b3.url());
     router.wait_backends("chg.example.com", &["b3"]);
-    let e = router.wait_event("route.change", |e| e["key"] == format!("{D}/chg.example.com/one"));
+    let e = router.wait_event("route.change", |e| {
+        e["key"] == format!("{D}/chg.example.com/one")
+    });
     assert_eq!(e["url"], b3.url());
     assert_eq!(e["previous_url"], b1.url());
 
@@ -41,7 +49,9 @@ fn expired_ttl_key_removes_the_route() {
     router.wait_backends("ttl.example.com", &["stay"]);
     etcd.put_ttl(&format!("{D}/ttl.example.com/ttl"), &b2.url(), 2);
     router.wait_backends("ttl.example.com", &["stay", "ttl"]);
-    let e = router.wait_event("route.remove", |e| e["key"] == format!("{D}/ttl.example.com/ttl"));
+    let e = router.wait_event("route.remove", |e| {
+        e["key"] == format!("{D}/ttl.example.com/ttl")
+    });
     assert_eq!(e["reason"], "expire");
     router.wait_backends("ttl.example.com", &["stay"]);
 }
@@ -49,7 +59,10 @@ fn expired_ttl_key_removes_the_route() {
 #[test]
 fn rapid_ttl_renewals_keep_two_domains_balanced() {
     let etcd = Etcd::start();
-    let backends: Vec<Backend> = ["a1", "a2", "b1", "b2"].iter().map(|n| Backend::start(n)).collect();
+    let backends: Vec<Backend> = ["a1", "a2", "b1", "b2"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
     let keys = [
         ("bal-a.example.com", "a1", 0),
         ("bal-a.example.com", "a2", 1),
@@ -85,7 +98,11 @@ fn rapid_ttl_renewals_keep_two_domains_balanced() {
 #[test]
 fn directory_delete_and_expiry_remove_every_route_under_it() {
     let etcd = Etcd::start();
-    let (b1, b2, b3) = (Backend::start("x1"), Backend::start("x2"), Backend::start("y"));
+    let (b1, b2, b3) = (
+        Backend::start("x1"),
+        Backend::start("x2"),
+        Backend::start("y"),
+    );
     etcd.put(&format!("{D}/dir-x.example.com/1"), &b1.url());
     etcd.put(&format!("{D}/dir-x.example.com/2"), &b2.url());
     etcd.put(&format!("{D}/dir-y.example.com/1"), &b3.url());
@@ -113,7 +130,11 @@ fn directory_delete_and_expiry_remove_every_route_under_it() {
 #[test]
 fn cleared_history_triggers_a_resync_without_losing_changes() {
     let etcd = Etcd::start();
-    let (b1, b2, b3) = (Backend::start("old"), Backend::start("new"), Backend::start("gone"));
+    let (b1, b2, b3) = (
+        Backend::start("old"),
+        Backend::start("new"),
+        Backend::start("gone"),
+    );
     etcd.put(&format!("{D}/hist.example.com/r"), &b1.url());
     etcd.put(&format!("{D}/hist.example.com/gone"), &b3.url());
     let link = Forwarder::start(format!("127.0.0.1:{}", etcd.client_port).parse().unwrap());
@@ -148,7 +169,10 @@ fn changes_made_while_cut_off_arrive_after_reconnecting() {
     router.wait_event("etcd.error", |_| true);
     etcd.put(&format!("{D}/gap.example.com/2"), &b2.url());
     // The last table keeps serving meanwhile.
-    assert_eq!(router.get("gap.example.com", "/").backend.as_deref(), Some("before"));
+    assert_eq!(
+        router.get("gap.example.com", "/").backend.as_deref(),
+        Some("before")
+    );
     link.restore();
     router.wait_backends("gap.example.com", &["before", "during"]);
     // Resumed from its index (no resync needed).
@@ -179,7 +203,10 @@ fn etcd_restart_keeps_serving_and_catches_up() {
     router.wait_event("etcd.error", |_| true);
     // etcd is down: the last table keeps serving.
     for _ in 0..5 {
-        assert_eq!(router.get("restart.example.com", "/").backend.as_deref(), Some("r1"));
+        assert_eq!(
+            router.get("restart.example.com", "/").backend.as_deref(),
+            Some("r1")
+        );
     }
     etcd.spawn();
     etcd.put(&format!("{D}/restart.example.com/2"), &b2.url());
@@ -201,7 +228,9 @@ fn wiped_etcd_is_detected_and_resynced() {
     etcd.put(&format!("{D}/wipe.example.com/2"), &b2.url());
     router.wait_backends("wipe.example.com", &["w2"]);
     router.wait_event("etcd.resync", |e| e["reason"] == "index_went_backwards");
-    router.wait_event("route.remove", |e| e["key"] == format!("{D}/wipe.example.com/1"));
+    router.wait_event("route.remove", |e| {
+        e["key"] == format!("{D}/wipe.example.com/1")
+    });
 }
 
 #[test]
@@ -219,7 +248,14 @@ fn bad_keys_and_values_are_skipped_with_a_log_event() {
     etcd.put(&format!("{D}/big.example.com/r"), &"x".repeat(2_000_000));
     let router = Router::start(&etcd.url(), &[]);
     router.wait_backends("bad.example.com", &["good"]);
-    for key in ["bad.example.com/empty", "bad.example.com/text", "bad.example.com/https", "bare.example.com", "deep.example.com/a/b", "big.example.com/r"] {
+    for key in [
+        "bad.example.com/empty",
+        "bad.example.com/text",
+        "bad.example.com/https",
+        "bare.example.com",
+        "deep.example.com/a/b",
+        "big.example.com/r",
+    ] {
         let e = router.wait_event("route.error", |e| e["key"] == format!("{D}/{key}"));
         assert!(e["error"].is_string());
         assert!(e["value"].as_str().map(|v| v.len() < 1000).unwrap_or(false));
@@ -229,7 +265,12 @@ fn bad_keys_and_values_are_skipped_with_a_log_event() {
     etcd.put(&format!("{D}/bad.example.com/good"), "garbage");
     router.wait_backends("bad.example.com", &[]);
     router.wait_event("route.error", |e| e["value"] == "garbage");
-    assert!(router.events_named("route.add").iter().all(|e| !e["key"].as_str().unwrap().contains("_hidden")));
+    assert!(
+        router
+            .events_named("route.add")
+            .iter()
+            .all(|e| !e["key"].as_str().unwrap().contains("_hidden"))
+    );
 }
 
 #[test]
@@ -239,7 +280,9 @@ fn v2_api_disabled_is_reported_for_the_operator() {
     let e = router.wait_event("etcd.error", |e| e["kind"] == "v2_disabled");
     assert!(e["error"].as_str().unwrap().contains("--enable-v2"), "{e}");
     // Keeps retrying and serving.
-    router.wait_event("etcd.error", |e| e["kind"] == "v2_disabled" && e["retry_in_ms"].as_u64() > Some(100));
+    router.wait_event("etcd.error", |e| {
+        e["kind"] == "v2_disabled" && e["retry_in_ms"].as_u64() > Some(100)
+    });
     assert_eq!(router.get("any.example.com", "/").status, 503);
 }
 

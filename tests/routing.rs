@@ -46,9 +46,18 @@ fn keys_with_and_without_port_and_any_case_match() {
     etcd.put(&format!("{D}/case.example.com:8080/r"), &b2.url());
     let router = Router::start(&etcd.url(), &[]);
     router.wait_backends("case.example.com", &["plain"]);
-    assert_eq!(router.get("CASE.example.com.", "/").backend.as_deref(), Some("plain"));
-    assert_eq!(router.get("case.example.com:9999", "/").backend.as_deref(), Some("plain"));
-    assert_eq!(router.get("case.example.com:8080", "/").backend.as_deref(), Some("withport"));
+    assert_eq!(
+        router.get("CASE.example.com.", "/").backend.as_deref(),
+        Some("plain")
+    );
+    assert_eq!(
+        router.get("case.example.com:9999", "/").backend.as_deref(),
+        Some("plain")
+    );
+    assert_eq!(
+        router.get("case.example.com:8080", "/").backend.as_deref(),
+        Some("withport")
+    );
 }
 
 #[test]
@@ -74,10 +83,19 @@ fn client_details_reach_the_backend() {
     let seen = b.last_seen();
     assert_eq!(seen.url, "/some/path?x=1&y=%20");
     assert_eq!(seen.header("host").as_deref(), Some("hdr.example.com"));
-    assert_eq!(seen.header("user-agent").as_deref(), Some("router-test/1.0"));
-    assert_eq!(seen.header("x-forwarded-for").as_deref(), Some("203.0.113.9, 127.0.0.1"));
+    assert_eq!(
+        seen.header("user-agent").as_deref(),
+        Some("router-test/1.0")
+    );
+    assert_eq!(
+        seen.header("x-forwarded-for").as_deref(),
+        Some("203.0.113.9, 127.0.0.1")
+    );
     assert_eq!(seen.header("x-forwarded-proto").as_deref(), Some("http"));
-    assert_eq!(seen.header("x-forwarded-host").as_deref(), Some("hdr.example.com"));
+    assert_eq!(
+        seen.header("x-forwarded-host").as_deref(),
+        Some("hdr.example.com")
+    );
     assert_eq!(seen.header("x-custom").as_deref(), Some("kept"));
     let logged = router.wait_event("router.request", |e| {
         e["host"] == "hdr.example.com" && e["path"] == "/some/path?x=1&y=%20"
@@ -96,11 +114,18 @@ fn a_dead_backend_next_to_a_live_one_costs_no_request() {
     let etcd = Etcd::start();
     let live = Backend::start("live");
     let dead_port = common::free_port();
-    etcd.put(&format!("{D}/mixed.example.com/a-dead"), &format!("http://127.0.0.1:{dead_port}"));
+    etcd.put(
+        &format!("{D}/mixed.example.com/a-dead"),
+        &format!("http://127.0.0.1:{dead_port}"),
+    );
     etcd.put(&format!("{D}/mixed.example.com/b-live"), &live.url());
     let router = Router::start(&etcd.url(), &[]);
-    router.wait_event("route.add", |e| e["key"] == format!("{D}/mixed.example.com/b-live"));
-    router.wait_event("route.add", |e| e["key"] == format!("{D}/mixed.example.com/a-dead"));
+    router.wait_event("route.add", |e| {
+        e["key"] == format!("{D}/mixed.example.com/b-live")
+    });
+    router.wait_event("route.add", |e| {
+        e["key"] == format!("{D}/mixed.example.com/a-dead")
+    });
     for _ in 0..10 {
         let r = router.get("mixed.example.com", "/");
         assert_eq!(r.status, 200);
@@ -113,7 +138,10 @@ fn all_backends_down_is_502_and_a_slow_backend_is_504() {
     let etcd = Etcd::start();
     let slow = Backend::start("slow");
     let dead_port = common::free_port();
-    etcd.put(&format!("{D}/down.example.com/r"), &format!("http://127.0.0.1:{dead_port}"));
+    etcd.put(
+        &format!("{D}/down.example.com/r"),
+        &format!("http://127.0.0.1:{dead_port}"),
+    );
     etcd.put(&format!("{D}/slow.example.com/r"), &slow.url());
     let router = Router::start(&etcd.url(), &["--response-timeout", "1"]);
     router.wait_backends("slow.example.com", &["slow"]);
@@ -122,8 +150,12 @@ fn all_backends_down_is_502_and_a_slow_backend_is_504() {
     assert!(r.text().contains("backend"), "{}", r.text());
     let r = router.get("slow.example.com", "/slow/3000");
     assert_eq!(r.status, 504);
-    router.wait_event("router.request", |e| e["status"] == 502 && e["error"].is_string());
-    router.wait_event("router.request", |e| e["status"] == 504 && e["error"].is_string());
+    router.wait_event("router.request", |e| {
+        e["status"] == 502 && e["error"].is_string()
+    });
+    router.wait_event("router.request", |e| {
+        e["status"] == 504 && e["error"].is_string()
+    });
     // And the router keeps serving.
     assert_eq!(router.get("slow.example.com", "/").status, 200);
 }
@@ -133,7 +165,11 @@ fn requests_without_a_usable_host_get_400() {
     let etcd = Etcd::start();
     let router = Router::start(&etcd.url(), &[]);
     let t = Duration::from_secs(5);
-    let no_host = raw_exchange(&router.addr(), b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", t);
+    let no_host = raw_exchange(
+        &router.addr(),
+        b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        t,
+    );
     assert!(no_host.starts_with("HTTP/1.1 400"), "{no_host}");
     let two_hosts = raw_exchange(
         &router.addr(),
@@ -148,7 +184,10 @@ fn requests_without_a_usable_host_get_400() {
     );
     assert!(bad_host.starts_with("HTTP/1.1 400"), "{bad_host}");
     let garbage = raw_exchange(&router.addr(), b"\x00\x01garbage\r\n\r\n", t);
-    assert!(garbage.is_empty() || garbage.starts_with("HTTP/1.1 400"), "{garbage}");
+    assert!(
+        garbage.is_empty() || garbage.starts_with("HTTP/1.1 400"),
+        "{garbage}"
+    );
     let bad_length = raw_exchange(
         &router.addr(),
         b"POST / HTTP/1.1\r\nHost: a.com\r\nContent-Length: 3\r\nContent-Length: 4\r\nConnection: close\r\n\r\nabcd",

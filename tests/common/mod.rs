@@ -150,7 +150,10 @@ impl Etcd {
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log");
         let child = Command::new("etcd")
             .arg("--name=t")
-            .arg(format!("--data-dir={}", self.dir.path().join("data").display()))
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.path().join("data").display()
+            ))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
@@ -165,7 +168,11 @@ impl Etcd {
         self.child = Some(child);
         let url = format!("{client}/version");
         eventually("etcd to answer /version", || {
-            agent(Duration::from_secs(1)).get(&url).call().ok().map(|_| ())
+            agent(Duration::from_secs(1))
+                .get(&url)
+                .call()
+                .ok()
+                .map(|_| ())
         });
     }
 
@@ -378,13 +385,23 @@ fn serve_backend(name: &str, mut rq: tiny_http::Request, seen: &Mutex<Vec<Seen>>
         headers: rq
             .headers()
             .iter()
-            .map(|h| (h.field.as_str().as_str().to_string(), h.value.as_str().to_string()))
+            .map(|h| {
+                (
+                    h.field.as_str().as_str().to_string(),
+                    h.value.as_str().to_string(),
+                )
+            })
             .collect(),
         body_len,
     });
     let tag = tiny_http::Header::from_bytes("X-Backend", name.as_bytes()).unwrap();
     let parts: Vec<&str> = url.trim_start_matches('/').split('/').collect();
-    let num = |i: usize| parts.get(i).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0);
+    let num = |i: usize| {
+        parts
+            .get(i)
+            .and_then(|p| p.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     let _ = match parts.first().copied().unwrap_or("") {
         "bytes" => rq.respond(
             tiny_http::Response::new(
@@ -422,21 +439,21 @@ fn serve_backend(name: &str, mut rq: tiny_http::Request, seen: &Mutex<Vec<Seen>>
             tiny_http::Response::from_data(GZIP_HELLO.to_vec())
                 .with_header(tag)
                 .with_header(tiny_http::Header::from_bytes("Content-Encoding", "gzip").unwrap())
-                .with_header(
-                    tiny_http::Header::from_bytes("Connection", "close, X-Hop").unwrap(),
-                )
+                .with_header(tiny_http::Header::from_bytes("Connection", "close, X-Hop").unwrap())
                 .with_header(tiny_http::Header::from_bytes("X-Hop", "secret").unwrap())
                 .with_header(tiny_http::Header::from_bytes("Keep-Alive", "timeout=5").unwrap()),
         ),
-        "upload" => rq.respond(tiny_http::Response::from_string(body_len.to_string()).with_header(tag)),
+        "upload" => {
+            rq.respond(tiny_http::Response::from_string(body_len.to_string()).with_header(tag))
+        }
         _ => rq.respond(tiny_http::Response::from_string(name).with_header(tag)),
     };
 }
 
 /// `printf hello | gzip -n`: the router must pass these bytes untouched.
 pub const GZIP_HELLO: &[u8] = &[
-    0x1f, 0x8b, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03, 0xcb, 0x48, 0xcd, 0xc9, 0xc9,
-    0x07, 0x00, 0x86, 0xa6, 0x10, 0x36, 0x05, 0x00, 0x00, 0x00,
+    0x1f, 0x8b, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03, 0xcb, 0x48, 0xcd, 0xc9, 0xc9, 0x07,
+    0x00, 0x86, 0xa6, 0x10, 0x36, 0x05, 0x00, 0x00, 0x00,
 ];
 
 // --------------------------------------------------------------- router ----
@@ -452,13 +469,18 @@ pub struct Router {
 
 impl Router {
     pub fn start(etcd_url: &str, extra: &[&str]) -> Router {
+        let mut args = vec!["--etcdurl", etcd_url];
+        args.extend_from_slice(extra);
+        Router::start_with(&args)
+    }
+
+    /// Starts the router with `args` plus `--listen` on a free port.
+    pub fn start_with(args: &[&str]) -> Router {
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_httprouter"));
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
-            .arg("--etcdurl")
-            .arg(etcd_url)
-            .args(extra)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("start httprouter");
@@ -622,7 +644,9 @@ pub fn request(
     for (n, v) in headers {
         req = req.header(*n, *v);
     }
-    let req = req.body(body.unwrap_or_default().to_vec()).expect("request");
+    let req = req
+        .body(body.unwrap_or_default().to_vec())
+        .expect("request");
     let resp = agent(Duration::from_secs(60))
         .run(req)
         .unwrap_or_else(|e| panic!("{method} {path} (Host {host}): {e}"));
@@ -757,5 +781,56 @@ impl Drop for Forwarder {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         self.cut();
+    }
+}
+
+// ---------------------------------------------------------- raw backend ----
+
+/// A backend that answers every connection with the same bytes, written
+/// as given, then closes: for answers a well-behaved server library would
+/// refuse to produce.
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RawBackend {
+    pub fn start(answer: &'static [u8]) -> RawBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("raw backend bind");
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                // Read the request head, then answer.
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match conn.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => break,
+                    }
+                }
+                let _ = conn.write_all(answer);
+            }
+        });
+        RawBackend { addr, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
     }
 }

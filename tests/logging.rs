@@ -1,0 +1,162 @@
+//! The log sinks: stdout (the other tests read it), `--logfile` and
+//! `--logurl`, each line one JSON object with the common fields.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Mutex};
+
+use common::{Backend, Etcd, Router, TempDir, eventually};
+use serde_json::Value;
+
+const D: &str = "/domains";
+
+fn check_common_fields(line: &str) -> Value {
+    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+    assert_eq!(v["service"], "httprouter", "{line}");
+    assert!(v["event"].is_string(), "{line}");
+    let ts = v["timestamp"].as_str().expect("timestamp");
+    // RFC 3339, UTC, with fractions: 2026-11-26T21:36:00.762817Z
+    assert_eq!(ts.len(), 27, "{ts}");
+    assert!(
+        ts.ends_with('Z') && ts.as_bytes()[10] == b'T' && ts.as_bytes()[19] == b'.',
+        "{ts}"
+    );
+    v
+}
+
+#[test]
+fn log_file_is_appended_and_private() {
+    let etcd = Etcd::start();
+    let b = Backend::start("lf");
+    etcd.put(&format!("{D}/lf.example.com/r"), &b.url());
+    let dir = TempDir::new("logfile");
+    let path = dir.path().join("router.log");
+    let path_str = path.to_str().unwrap().to_string();
+    let mut router = Router::start(&etcd.url(), &["-logfile", &path_str]);
+    eventually("the route", || {
+        (router.get("lf.example.com", "/").status == 200).then_some(())
+    });
+    assert!(
+        router.lines.lock().unwrap().is_empty(),
+        "nothing on stdout with --logfile"
+    );
+    assert!(router.terminate().success());
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let events: Vec<Value> = text.lines().map(check_common_fields).collect();
+    let names: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    for want in [
+        "service.start",
+        "route.add",
+        "etcd.listen",
+        "router.request",
+        "service.stop",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    // A second run appends to what the first wrote.
+    let mut router = Router::start(&etcd.url(), &["--logfile", &path_str]);
+    assert!(router.terminate().success());
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.matches("\"service.start\"").count(), 2);
+    assert!(text.starts_with(&events_first_line(&events)));
+}
+
+fn events_first_line(events: &[Value]) -> String {
+    format!("{{\"timestamp\":{}", events[0]["timestamp"])
+}
+
+/// A collector that stores every POSTed body; `fail_first` answers 503 to
+/// the first N posts.
+struct Collector {
+    url: String,
+    bodies: Arc<Mutex<Vec<String>>>,
+    _server: Arc<tiny_http::Server>,
+}
+
+fn collector(fail_first: usize) -> Collector {
+    let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
+    let url = format!("http://{}/ingest", server.server_addr().to_ip().unwrap());
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let (s, b) = (Arc::clone(&server), Arc::clone(&bodies));
+    std::thread::spawn(move || {
+        let mut seen = 0;
+        while let Ok(mut rq) = s.recv() {
+            let mut body = String::new();
+            let _ = std::io::Read::read_to_string(rq.as_reader(), &mut body);
+            seen += 1;
+            if seen <= fail_first {
+                let _ = rq.respond(tiny_http::Response::empty(503));
+                continue;
+            }
+            b.lock().unwrap().push(body);
+            let _ = rq.respond(tiny_http::Response::empty(204));
+        }
+    });
+    Collector {
+        url,
+        bodies,
+        _server: server,
+    }
+}
+
+#[test]
+fn log_url_receives_batches_and_survives_a_failing_collector() {
+    let etcd = Etcd::start();
+    let b = Backend::start("lu");
+    etcd.put(&format!("{D}/lu.example.com/r"), &b.url());
+    let c = collector(2);
+    let mut router = Router::start(&etcd.url(), &["--logurl", &c.url]);
+    eventually("the route", || {
+        (router.get("lu.example.com", "/").status == 200).then_some(())
+    });
+    for _ in 0..20 {
+        assert_eq!(router.get("lu.example.com", "/").status, 200);
+    }
+    // After two refused POSTs the lines still arrive (retried with backoff).
+    eventually("request lines at the collector", || {
+        let all = c.bodies.lock().unwrap().join("");
+        (all.matches("\"router.request\"").count() >= 21).then_some(())
+    });
+    assert!(router.terminate().success());
+    let all = c.bodies.lock().unwrap().join("");
+    let events: Vec<Value> = all.lines().map(check_common_fields).collect();
+    assert!(events.iter().any(|e| e["event"] == "service.start"));
+    assert!(
+        events.iter().any(|e| e["event"] == "service.stop"),
+        "flushed at shutdown"
+    );
+    let posts = c.bodies.lock().unwrap().len();
+    assert!(
+        posts < events.len(),
+        "lines are batched: {posts} posts for {} lines",
+        events.len()
+    );
+}
+
+#[test]
+fn stdout_lines_are_json_with_the_common_fields() {
+    let etcd = Etcd::start();
+    let router = Router::start(&etcd.url(), &[]);
+    router.wait_event("etcd.listen", |_| true);
+    assert_eq!(router.get("x.example.com", "/").status, 503);
+    let e = router.wait_event("router.request", |_| true);
+    for field in [
+        "host",
+        "method",
+        "path",
+        "status",
+        "upstream",
+        "duration_ms",
+        "bytes",
+        "client_ip",
+        "user_agent",
+    ] {
+        assert!(e.get(field).is_some(), "{field} missing: {e}");
+    }
+    for line in router.lines.lock().unwrap().iter() {
+        check_common_fields(line);
+    }
+}
