@@ -16,10 +16,15 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let tag = tiny_http::Header::from_bytes("X-Backend", name.as_bytes())
-        .unwrap_or_else(|_| tiny_http::Header::from_bytes("X-Backend", "demo").expect("static header"));
+    let tag = tiny_http::Header::from_bytes("X-Backend", name.as_bytes()).unwrap_or_else(|_| {
+        tiny_http::Header::from_bytes("X-Backend", "demo").expect("static header")
+    });
     for request in server.incoming_requests() {
-        let body = format!("hello from {name} ({} {})\n", request.method(), request.url());
+        let body = format!(
+            "hello from {name} ({} {})\n",
+            request.method(),
+            request.url()
+        );
         let _ = request.respond(tiny_http::Response::from_string(body).with_header(tag.clone()));
     }
 }

@@ -55,7 +55,10 @@ fn registered_backends_are_served_round_robin_and_removed_when_unhealthy() {
     let got: Vec<String> = (0..6)
         .map(|_| router.get("demo.example.com", "/").backend.unwrap())
         .collect();
-    assert!(got.windows(2).all(|w| w[0] != w[1]), "not round robin: {got:?}");
+    assert!(
+        got.windows(2).all(|w| w[0] != w[1]),
+        "not round robin: {got:?}"
+    );
 
     // Heartbeats refresh the TTL without watch events: the key outlives its
     // TTL and no route.change/route.add repeats.
