@@ -346,22 +346,11 @@ impl Discovery {
     pub fn run(mut self) {
         let mut state = State::NeedSnapshot;
         let mut backoff = Backoff::new();
-        let mut first_snapshot = true;
         while !self.stop.load(Ordering::Relaxed) {
             state = match state {
                 State::NeedSnapshot => match self.client.snapshot() {
                     Ok(snapshot) => {
-                        if !first_snapshot {
-                            self.log.event(
-                                "etcd.resync",
-                                json!({"endpoint": self.client.endpoint(), "index": snapshot.index,
-                                       "routes": snapshot.leaves.len()}),
-                            );
-                        }
-                        first_snapshot = false;
-                        if self.routes.replace(&snapshot, &self.log)
-                            || self.table.load().domain_count() == 0
-                        {
+                        if self.routes.replace(&snapshot, &self.log) {
                             self.publish();
                         }
                         self.log.event(
@@ -379,7 +368,7 @@ impl Discovery {
                         State::NeedSnapshot
                     }
                 },
-                State::Watching { last } => match self.client.wait(last + 1) {
+                State::Watching { last } => match self.client.wait(last.saturating_add(1)) {
                     Ok(WaitOutcome::Event(event)) => {
                         backoff.reset();
                         if self.routes.apply(&event.change, &self.log) {
@@ -396,7 +385,7 @@ impl Discovery {
                         self.log.event(
                             "etcd.resync",
                             json!({"endpoint": self.client.endpoint(), "reason": "history_cleared",
-                                   "wait_index": last + 1, "detail": detail}),
+                                   "wait_index": last.saturating_add(1), "detail": detail}),
                         );
                         State::NeedSnapshot
                     }
@@ -412,7 +401,7 @@ impl Discovery {
                         State::NeedSnapshot
                     }
                     Err(e) => {
-                        self.fail(&e, &mut backoff, Some(last + 1));
+                        self.fail(&e, &mut backoff, Some(last.saturating_add(1)));
                         State::Watching { last }
                     }
                 },

@@ -302,7 +302,7 @@ impl EtcdV2 {
         if let Some(etcd_index) = etcd_index {
             // The header is the index when the wait was registered; it can
             // only be below what we already saw if the store was wiped.
-            if etcd_index + 1 < wait_index {
+            if etcd_index.saturating_add(1) < wait_index {
                 return Ok(WaitOutcome::StoreReset {
                     etcd_index,
                     wait_index,

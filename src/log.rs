@@ -509,6 +509,42 @@ mod tests {
     }
 
     #[test]
+    fn dropped_events_are_reported_and_the_queue_is_flushed_at_shutdown() {
+        let path = std::env::temp_dir().join(format!("httprouter-log-test-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let file = open_log_file(&path).unwrap();
+        let (tx, rx) = crossbeam_channel::bounded(4);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let logger = Logger {
+            tx: tx.clone(),
+            dropped: Arc::clone(&dropped),
+        };
+        // Nobody is reading yet: 4 fit, 3 are dropped.
+        for i in 0..7 {
+            logger.event("test.event", json!({ "i": i }));
+        }
+        assert_eq!(logger.dropped(), 3);
+        let handle = std::thread::spawn(move || run(rx, Sink::File(file), dropped));
+        LogThread { handle, tx }.shutdown();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let events: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            events.iter().filter(|e| e["event"] == "test.event").count(),
+            4
+        );
+        let report = events
+            .iter()
+            .find(|e| e["event"] == "log.dropped")
+            .expect("a log.dropped event");
+        assert_eq!(report["dropped"], 3);
+        assert_eq!(report["dropped_total"], 3);
+    }
+
+    #[test]
     fn url_sink_bounds_its_buffer() {
         let mut sink = UrlSink::new("http://127.0.0.1:9/".into());
         let line = "x".repeat(1024);

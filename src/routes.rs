@@ -126,10 +126,6 @@ impl RouteTable {
         let (name, port) = split_port(host);
         port.and_then(|_| self.domains.get(name))
     }
-
-    pub fn domain_count(&self) -> usize {
-        self.domains.len()
-    }
 }
 
 /// The current table. Written by discovery only; read by every worker.

@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use common::{Backend, Etcd, Router, request};
 
 #[test]
-fn sigterm_lets_the_request_in_flight_finish() {
+fn a_signal_stops_accepting_and_lets_the_request_in_flight_finish() {
     let etcd = Etcd::start();
     let b = Backend::start("slowpoke");
     etcd.put("/domains/bye.example.com/r", &b.url());
@@ -16,7 +16,7 @@ fn sigterm_lets_the_request_in_flight_finish() {
     router.wait_backends("bye.example.com", &["slowpoke"]);
     let addr = router.addr();
     let in_flight = std::thread::spawn(move || {
-        request(&addr, "GET", "bye.example.com", "/slow/2000", &[], None)
+        request(&addr, "GET", "bye.example.com", "/slow/3000", &[], None)
     });
     // Wait until the backend has the request, then signal.
     common::eventually("the slow request to reach the backend", || {
@@ -24,10 +24,20 @@ fn sigterm_lets_the_request_in_flight_finish() {
             .lock()
             .unwrap()
             .iter()
-            .any(|s| s.url == "/slow/2000")
+            .any(|s| s.url == "/slow/3000")
             .then_some(())
     });
-    let status = router.terminate();
+    router.signal("-TERM");
+    // New connections are refused while the request is still in flight.
+    router.wait_event("service.stopping", |_| true);
+    common::eventually("the listening socket to close", || {
+        TcpStream::connect(router.addr()).is_err().then_some(())
+    });
+    assert!(
+        !in_flight.is_finished(),
+        "the slow request should still be running"
+    );
+    let status = router.wait_exit();
     assert!(status.success(), "exit status {status:?}");
     let reply = in_flight.join().expect("client thread");
     assert_eq!(reply.status, 200);
@@ -37,13 +47,11 @@ fn sigterm_lets_the_request_in_flight_finish() {
     assert!(
         events
             .iter()
-            .any(|e| e["event"] == "router.request" && e["path"] == "/slow/2000")
+            .any(|e| e["event"] == "router.request" && e["path"] == "/slow/3000")
     );
     let stop = events
         .iter()
         .find(|e| e["event"] == "service.stop")
         .expect("service.stop");
     assert_eq!(stop["unfinished_requests"], 0);
-    // And nothing listens any more.
-    assert!(TcpStream::connect(router.addr()).is_err());
 }

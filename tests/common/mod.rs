@@ -572,10 +572,20 @@ impl Router {
         });
     }
 
+    /// Sends a signal (`-TERM`, `-INT`, ...) without waiting.
+    pub fn signal(&self, sig: &str) {
+        signal(self.pid(), sig);
+    }
+
     /// Sends SIGTERM and waits for the exit status (panics after `SETTLE`).
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal("-TERM");
+        self.wait_exit()
+    }
+
+    /// Waits for the process to exit (panics after `SETTLE`).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("router running");
-        signal(child.id(), "-TERM");
         let status = eventually("the router to exit", || child.try_wait().ok().flatten());
         if let Some(r) = self.reader.take() {
             let _ = r.join();
