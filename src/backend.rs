@@ -10,14 +10,7 @@ use std::fmt;
 use std::io::{self, Read};
 use std::time::Duration;
 
-/// How the request body is framed towards the backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyFraming {
-    None,
-    Sized(u64),
-    /// Length unknown (the client sent it chunked): sent chunked.
-    Chunked,
-}
+use crate::proxy::BodyFraming;
 
 #[derive(Debug)]
 pub struct BackendRequest<'a> {
@@ -181,7 +174,17 @@ fn classify(e: ureq::Error) -> BackendError {
             timed_out: true,
             detail,
         },
-        Error::Io(ref io) if io.kind() == io::ErrorKind::ConnectionRefused => {
+        // ureq's connector reports these from connect(), before any byte
+        // of the request was written.
+        Error::Io(ref io)
+            if matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::HostUnreachable
+                    | io::ErrorKind::NetworkUnreachable
+                    | io::ErrorKind::AddrNotAvailable
+            ) =>
+        {
             BackendError::Connect {
                 timed_out: false,
                 detail,

@@ -16,11 +16,11 @@ use crate::httpurl::HttpUrl;
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ETCD_URLS: &str = "http://127.0.0.1:2379,http://127.0.0.1:4001";
 pub const DEFAULT_ETCD_KEY: &str = "/domains";
-/// Each worker proxies one request at a time, and a request to a slow backend
-/// holds its worker for as long as the backend takes; 64 keeps a small host's
-/// memory low while leaving room for slow backends.
-pub const DEFAULT_WORKERS: usize = 64;
-pub const MAX_WORKERS: usize = 4096;
+/// Connections served at once, each on its own thread (an idle keep-alive
+/// connection costs its thread and about 40 KiB); more wait in the listen
+/// backlog.
+pub const DEFAULT_WORKERS: usize = 1024;
+pub const MAX_WORKERS: usize = 65_536;
 pub const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 3;
 pub const DEFAULT_RESPONSE_TIMEOUT_SECS: u64 = 60;
 
@@ -36,7 +36,7 @@ Flags (single dash works too: -etcdurl URL; so does --flag=value):
   --etcdkey KEY             etcd directory holding <domain>/<route-name> = backend URL (default /domains)
   --logfile PATH            append JSON log lines to PATH (created 0600) instead of stdout
   --logurl URL              POST batches of JSON log lines to URL instead of stdout
-  --workers N               requests proxied at once (default 64)
+  --workers N               connections served at once, a thread each (default 1024)
   --connect-timeout SECS    backend connect timeout (default 3)
   --response-timeout SECS   backend response timeout, and longest pause inside a body (default 60)
   --help                    print this help

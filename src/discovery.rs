@@ -378,9 +378,15 @@ impl Discovery {
                             last: last.max(event.modified_index),
                         }
                     }
-                    Ok(WaitOutcome::Idle { etcd_index }) => State::Watching {
-                        last: last.max(etcd_index.unwrap_or(last)),
-                    },
+                    Ok(WaitOutcome::Idle { etcd_index }) => {
+                        // A member that lost its cluster still answers a new
+                        // wait, then stays silent: moving on after every
+                        // quiet period keeps one from holding us forever.
+                        self.client.rotate();
+                        State::Watching {
+                            last: last.max(etcd_index.unwrap_or(last)),
+                        }
+                    }
                     Ok(WaitOutcome::HistoryCleared { detail }) => {
                         self.log.event(
                             "etcd.resync",

@@ -10,6 +10,7 @@ mod backend;
 mod cli;
 mod discovery;
 mod etcd_v2;
+mod http1;
 mod httpurl;
 mod log;
 mod proxy;

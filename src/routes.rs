@@ -143,7 +143,13 @@ impl SharedTable {
 
     pub fn store(&self, table: RouteTable) {
         let table = Arc::new(table);
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = table;
+        let old = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
+            table,
+        );
+        // Freed (if this was the last reference) after the lock is released,
+        // so readers never wait for a table to be torn down.
+        drop(old);
     }
 }
 

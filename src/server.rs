@@ -1,203 +1,435 @@
-//! The server edge: tiny_http accepts and parses; a fixed pool of workers
-//! takes requests, hands them to [`Proxy`] and streams the answer back.
+//! The server front: accepts connections, serves each on its own thread
+//! (up to a cap), keeps them alive between requests, and stops gracefully.
 //!
-//! Owns every tiny_http type and the shutdown sequence: stop taking
-//! requests, let the ones in flight finish within a grace period. A panic
-//! while serving one request costs that request (tiny_http answers 500),
-//! never the worker.
+//! Owns sockets, timeouts and the connection lifecycle; the wire format is
+//! `http1`, the request logic `proxy`. Past the connection cap the acceptor
+//! stops accepting, so new connections wait in the kernel's listen backlog
+//! instead of costing a thread each. A panic while serving a request costs
+//! that connection, never the process.
 
-use std::io::Read;
-use std::net::SocketAddr;
+use std::io::{self, BufReader, BufWriter};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::http1::{self, HeadError, ResponseHead};
 use crate::log::{Logger, RequestRecord};
-use crate::proxy::{HttpVersion, IncomingRequest, Proxy};
+use crate::proxy::{HttpVersion, IncomingRequest, Proxy, ProxyResponse};
 
-/// Worker stacks: the request path is shallow; small stacks keep many
-/// workers cheap on a small host.
-const WORKER_STACK_BYTES: usize = 256 * 1024;
+/// Connection threads do little on the stack; the buffers live on the heap.
+const CONNECTION_STACK_BYTES: usize = 256 * 1024;
+const READ_BUFFER_BYTES: usize = 16 * 1024;
+const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+/// An idle keep-alive connection is closed after this.
+pub const KEEPALIVE_IDLE_SECS: u64 = 60;
+/// The whole request head must arrive within this of its first byte.
+pub const HEADER_DEADLINE_SECS: u64 = 10;
+/// Longest pause while reading a request body or writing a response.
+pub const CLIENT_IO_TIMEOUT_SECS: u64 = 60;
+/// How often an idle connection looks at the shutdown flag.
+const IDLE_POLL_MILLIS: u64 = 250;
+/// Closing a socket with unread input makes the kernel send a reset, which
+/// can destroy the answer before the client reads it; so after answering a
+/// request whose body was not read, input is read and dropped for a while
+/// before closing (what nginx calls a lingering close).
+const LINGER_MAX_MILLIS: u64 = 1000;
+const LINGER_MAX_BYTES: u64 = 256 * 1024;
+
+/// Shared by the acceptor and every connection thread.
+struct Shared {
+    proxy: Arc<Proxy>,
+    log: Logger,
+    stop: AtomicBool,
+    /// Requests being served (head read, answer not yet written).
+    busy: AtomicUsize,
+    /// Open connections, with a condvar to wait for a free slot.
+    open: Mutex<usize>,
+    slot_freed: Condvar,
+    max_connections: usize,
+}
 
 pub struct Server {
-    http: Arc<tiny_http::Server>,
-    workers: Vec<JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
-    busy: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
+    local: SocketAddr,
+    acceptor: JoinHandle<()>,
 }
 
 impl Server {
     pub fn start(
         listen: SocketAddr,
-        workers: usize,
+        max_connections: usize,
         proxy: Arc<Proxy>,
         log: Logger,
     ) -> Result<Server, String> {
-        let http = tiny_http::Server::http(listen)
+        let listener =
+            TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let local = listener
+            .local_addr()
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-        let http = Arc::new(http);
-        let stop = Arc::new(AtomicBool::new(false));
-        let busy = Arc::new(AtomicUsize::new(0));
-        let mut handles = Vec::with_capacity(workers);
-        for i in 0..workers {
-            let worker = Worker {
-                http: Arc::downgrade(&http),
-                proxy: Arc::clone(&proxy),
-                log: log.clone(),
-                stop: Arc::clone(&stop),
-                busy: Arc::clone(&busy),
-            };
-            let handle = std::thread::Builder::new()
-                .name(format!("worker-{i}"))
-                .stack_size(WORKER_STACK_BYTES)
-                .spawn(move || worker.run())
-                .map_err(|e| format!("cannot start worker threads: {e}"))?;
-            handles.push(handle);
-        }
+        let shared = Arc::new(Shared {
+            proxy,
+            log,
+            stop: AtomicBool::new(false),
+            busy: AtomicUsize::new(0),
+            open: Mutex::new(0),
+            slot_freed: Condvar::new(),
+            max_connections,
+        });
+        let s = Arc::clone(&shared);
+        let acceptor = std::thread::Builder::new()
+            .name("accept".into())
+            .spawn(move || accept_loop(listener, s))
+            .map_err(|e| format!("cannot start the accept thread: {e}"))?;
         Ok(Server {
-            http,
-            workers: handles,
-            stop,
-            busy,
+            shared,
+            local,
+            acceptor,
         })
     }
 
-    /// Stops taking requests and waits up to `grace` for those in flight.
-    /// Returns how many were still running when the grace period ended.
+    /// Stops accepting (the listening socket is closed at once), lets the
+    /// requests in flight finish within `grace`, and closes idle
+    /// connections. Returns how many requests were still running when the
+    /// grace period ended.
     pub fn shutdown(self, grace: Duration) -> usize {
-        self.stop.store(true, Ordering::SeqCst);
-        for _ in 0..self.workers.len() {
-            self.http.unblock();
-        }
-        // Idle workers now return from recv and drop their handles; once
-        // ours goes too, tiny_http closes the listening socket.
-        drop(self.http);
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.slot_freed.notify_all();
+        // Wake the acceptor out of accept(); it then drops the listener.
+        let wake = match self.local {
+            SocketAddr::V4(a) if a.ip().is_unspecified() => {
+                SocketAddr::from(([127, 0, 0, 1], a.port()))
+            }
+            SocketAddr::V6(a) if a.ip().is_unspecified() => {
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+            }
+            other => other,
+        };
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        let _ = self.acceptor.join();
         let deadline = Instant::now() + grace;
-        while Instant::now() < deadline && self.workers.iter().any(|w| !w.is_finished()) {
+        while Instant::now() < deadline && self.shared.busy.load(Ordering::SeqCst) > 0 {
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.busy.load(Ordering::SeqCst)
+        self.shared.busy.load(Ordering::SeqCst)
     }
 }
 
-struct Worker {
-    /// Weak, so a worker busy with a long request does not keep the
-    /// listening socket open during shutdown.
-    http: Weak<tiny_http::Server>,
-    proxy: Arc<Proxy>,
-    log: Logger,
-    stop: Arc<AtomicBool>,
-    busy: Arc<AtomicUsize>,
-}
-
-impl Worker {
-    fn run(self) {
-        while !self.stop.load(Ordering::SeqCst) {
-            let request = {
-                let Some(http) = self.http.upgrade() else {
-                    return;
-                };
-                match http.recv() {
-                    Ok(r) => r,
-                    // Unblocked for shutdown, or an accept error already
-                    // handled by tiny_http: look at the stop flag again.
-                    Err(_) => continue,
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    while !shared.stop.load(Ordering::SeqCst) {
+        // Wait for a free slot before taking a connection off the backlog.
+        {
+            let mut open = shared.open.lock().unwrap_or_else(|e| e.into_inner());
+            while *open >= shared.max_connections && !shared.stop.load(Ordering::SeqCst) {
+                open = shared
+                    .slot_freed
+                    .wait_timeout(open, Duration::from_millis(IDLE_POLL_MILLIS))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
+            if shared.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            *open += 1;
+        }
+        let (stream, peer) = match listener.accept() {
+            Ok(conn) => conn,
+            Err(e) => {
+                release_slot(&shared);
+                // EMFILE and friends: back off instead of spinning.
+                if !matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                ) {
+                    std::thread::sleep(Duration::from_millis(50));
                 }
-            };
-            self.busy.fetch_add(1, Ordering::SeqCst);
-            let _ = std::panic::catch_unwind(AssertUnwindSafe(|| self.serve(request)));
-            self.busy.fetch_sub(1, Ordering::SeqCst);
+                continue;
+            }
+        };
+        if shared.stop.load(Ordering::SeqCst) {
+            release_slot(&shared);
+            break;
+        }
+        let s = Arc::clone(&shared);
+        let spawned = std::thread::Builder::new()
+            .name("conn".into())
+            .stack_size(CONNECTION_STACK_BYTES)
+            .spawn(move || {
+                let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    serve_connection(stream, peer, &s)
+                }));
+                release_slot(&s);
+            });
+        if spawned.is_err() {
+            // The stream was moved into the failed closure and is closed.
+            release_slot(&shared);
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
+    // The listener drops here: new connections are refused from now on.
+}
 
-    fn serve(&self, mut request: tiny_http::Request) {
-        let started = Instant::now();
-        let incoming = IncomingRequest {
-            method: request.method().as_str().to_string(),
-            target: request.url().to_string(),
-            version: match request.http_version() {
-                v if *v <= (1, 0) => HttpVersion::Http10,
-                _ => HttpVersion::Http11,
-            },
-            headers: request
-                .headers()
-                .iter()
-                .map(|h| {
-                    (
-                        h.field.as_str().as_str().to_string(),
-                        h.value.as_str().to_string(),
-                    )
-                })
-                .collect(),
-            peer: request.remote_addr().copied(),
-        };
-        let outcome = self.proxy.handle(&incoming, request.as_reader());
+fn release_slot(shared: &Shared) {
+    let mut open = shared.open.lock().unwrap_or_else(|e| e.into_inner());
+    *open = open.saturating_sub(1);
+    shared.slot_freed.notify_one();
+}
 
-        let sent = Arc::new(AtomicU64::new(0));
-        let body = CountingReader {
-            inner: outcome.response.body,
-            count: Arc::clone(&sent),
+/// Decrements the busy count even if serving the request panics.
+struct BusyGuard<'a>(&'a AtomicUsize);
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(CLIENT_IO_TIMEOUT_SECS)));
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read_half);
+    let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, stream);
+    let mut idle_since = Instant::now();
+
+    loop {
+        let mut head_deadline: Option<Instant> = None;
+        let sock = writer.get_ref();
+        let head = http1::read_head(&mut reader, |started| {
+            if started {
+                // The head has begun: all of it must arrive by the deadline.
+                let deadline = *head_deadline.get_or_insert_with(|| {
+                    Instant::now() + Duration::from_secs(HEADER_DEADLINE_SECS)
+                });
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                sock.set_read_timeout(Some(left))
+            } else if idle_over(shared, idle_since) {
+                Err(io::ErrorKind::TimedOut.into())
+            } else {
+                // Idle between requests: wake up now and then to look at the
+                // stop flag and the keep-alive limit.
+                sock.set_read_timeout(Some(Duration::from_millis(IDLE_POLL_MILLIS)))
+            }
+        });
+        let head = match head {
+            Ok(head) => head,
+            Err(HeadError::Idle) if !idle_over(shared, idle_since) => continue,
+            Err(HeadError::Closed | HeadError::Idle | HeadError::Broken) => return,
+            Err(e) => {
+                answer_bad_head(&mut writer, peer, shared, &e);
+                linger_close(&mut reader);
+                return;
+            }
         };
-        let headers = outcome
-            .response
+        shared.busy.fetch_add(1, Ordering::SeqCst);
+        let _busy = BusyGuard(&shared.busy);
+        match serve_request(head, &mut reader, &mut writer, peer, shared) {
+            After::KeepAlive if !shared.stop.load(Ordering::SeqCst) => {}
+            After::KeepAlive | After::Close => return,
+            After::LingerAndClose => {
+                linger_close(&mut reader);
+                return;
+            }
+        }
+        idle_since = Instant::now();
+    }
+}
+
+fn idle_over(shared: &Shared, idle_since: Instant) -> bool {
+    shared.stop.load(Ordering::SeqCst)
+        || idle_since.elapsed() >= Duration::from_secs(KEEPALIVE_IDLE_SECS)
+}
+
+fn answer_bad_head(
+    writer: &mut BufWriter<TcpStream>,
+    peer: SocketAddr,
+    shared: &Shared,
+    e: &HeadError,
+) {
+    let Some(status) = e.status() else {
+        return;
+    };
+    let why = match e {
+        HeadError::LineTooLong => "request line too long".to_string(),
+        HeadError::TooLarge => "request head too large".to_string(),
+        HeadError::Timeout => "request head not received in time".to_string(),
+        HeadError::Malformed(m) => m.clone(),
+        HeadError::Closed | HeadError::Idle | HeadError::Broken => return,
+    };
+    let started = Instant::now();
+    let text = format!("{status} {why}\n");
+    let written = http1::write_response(
+        writer,
+        &ResponseHead {
+            status,
+            headers: &[("Content-Type".into(), "text/plain; charset=utf-8".into())],
+            length: Some(text.len() as u64),
+            head_only: false,
+            version: HttpVersion::Http11,
+            keep_alive: false,
+        },
+        &mut text.as_bytes(),
+    );
+    shared.log.request(RequestRecord {
+        status,
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        bytes: written.body_bytes,
+        client_ip: Some(peer.ip().to_string()),
+        error: Some(why),
+        ..RequestRecord::default()
+    });
+}
+
+/// What to do with the connection after a request.
+enum After {
+    KeepAlive,
+    Close,
+    /// The request body was not read: see [`LINGER_MAX_MILLIS`].
+    LingerAndClose,
+}
+
+fn linger_close(reader: &mut BufReader<TcpStream>) {
+    let sock = reader.get_ref();
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + Duration::from_millis(LINGER_MAX_MILLIS);
+    let mut dropped = 0u64;
+    let mut buf = [0u8; 8192];
+    while dropped < LINGER_MAX_BYTES {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || reader.get_ref().set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match std::io::Read::read(reader, &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => dropped += n as u64,
+        }
+    }
+}
+
+/// Serves one request whose head has been read.
+fn serve_request(
+    head: http1::RequestHead,
+    reader: &mut BufReader<TcpStream>,
+    writer: &mut BufWriter<TcpStream>,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> After {
+    let started = Instant::now();
+    let _ = writer
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(CLIENT_IO_TIMEOUT_SECS)));
+
+    let wants_close = match head.version {
+        HttpVersion::Http11 => http1::connection_has(&head.headers, "close"),
+        // HTTP/1.0 connections are not kept alive.
+        HttpVersion::Http10 => true,
+    };
+    let framing = http1::request_framing(&head.headers);
+    let expects_continue = head.headers.iter().any(|(n, v)| {
+        n.eq_ignore_ascii_case("expect") && v.trim().eq_ignore_ascii_case("100-continue")
+    });
+    // RFC 9112 §6.1: with both Transfer-Encoding and Content-Length the
+    // connection is closed after the answer.
+    let ambiguous = head
+        .headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"))
+        && head
             .headers
             .iter()
-            .filter_map(|(n, v)| tiny_http::Header::from_bytes(n.as_bytes(), v.as_bytes()).ok())
-            .collect();
-        let length = outcome
-            .response
-            .length
-            .and_then(|l| usize::try_from(l).ok());
-        let response = tiny_http::Response::new(
-            tiny_http::StatusCode(outcome.response.status),
-            headers,
-            body,
-            length,
-            None,
-        )
-        // tiny_http would switch large known-length bodies to chunked;
-        // keep the backend's framing.
-        .with_chunked_threshold(usize::MAX);
-        let write_error = request.respond(response).err();
+            .any(|(n, _)| n.eq_ignore_ascii_case("content-length"));
 
-        let header = |name: &str| {
-            incoming
-                .headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.clone())
-        };
-        let mut error = outcome.error;
-        if let Some(e) = write_error {
-            error.get_or_insert_with(|| format!("response not fully sent: {e}"));
+    let incoming = IncomingRequest {
+        method: head.method,
+        target: head.target,
+        version: head.version,
+        headers: head.headers,
+        peer: Some(peer),
+        framing: framing.unwrap_or(crate::proxy::BodyFraming::None),
+    };
+
+    // `100 Continue` goes straight to the socket (nothing is buffered in
+    // the writer between requests).
+    let mut continue_sock = if expects_continue {
+        match writer.get_ref().try_clone() {
+            Ok(s) => Some(s),
+            Err(_) => return After::Close,
         }
-        self.log.request(RequestRecord {
-            host: outcome.host,
-            path: incoming.target.clone(),
-            method: incoming.method.clone(),
-            status: outcome.response.status,
-            upstream: outcome.upstream,
-            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-            bytes: sent.load(Ordering::Relaxed),
-            client_ip: incoming.peer.map(|p| p.ip().to_string()),
-            user_agent: header("user-agent"),
-            error,
-        });
+    } else {
+        None
+    };
+    let (outcome, body_complete, body_error) = {
+        let mut body = http1::BodyReader::new(reader, incoming.framing, continue_sock.as_mut());
+        let outcome = match framing {
+            Err(why) => crate::proxy::refuse(400, why, ""),
+            Ok(_) => shared.proxy.handle(&incoming, &mut body),
+        };
+        (outcome, body.is_complete(), body.error)
+    };
+
+    let mut outcome = outcome;
+    // The client's body failed while we forwarded it: the backend's view
+    // of the request is incomplete, whatever it answered.
+    if let Some(kind) = body_error {
+        let status = if matches!(kind, io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+            408
+        } else {
+            400
+        };
+        let upstream = outcome.upstream.take();
+        outcome = crate::proxy::refuse(status, "request body incomplete", &outcome.host);
+        outcome.upstream = upstream;
     }
-}
+    let keep_alive = !wants_close && !ambiguous && body_complete && body_error.is_none();
+    let ProxyResponse {
+        status,
+        headers,
+        length,
+        mut body,
+    } = outcome.response;
+    let written = http1::write_response(
+        writer,
+        &ResponseHead {
+            status,
+            headers: &headers,
+            length,
+            head_only: incoming.method.eq_ignore_ascii_case("HEAD"),
+            version: incoming.version,
+            keep_alive,
+        },
+        &mut *body,
+    );
 
-/// Counts the body bytes handed to the client, for the request log.
-struct CountingReader {
-    inner: Box<dyn Read + Send>,
-    count: Arc<AtomicU64>,
-}
-
-impl Read for CountingReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
+    let error = outcome.error.or(written.error);
+    let user_agent = incoming
+        .headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("user-agent"))
+        .map(|(_, v)| v.clone());
+    shared.log.request(RequestRecord {
+        host: outcome.host,
+        method: incoming.method,
+        path: incoming.target,
+        status,
+        upstream: outcome.upstream,
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        bytes: written.body_bytes,
+        client_ip: Some(peer.ip().to_string()),
+        user_agent,
+        error,
+    });
+    if written.reusable {
+        After::KeepAlive
+    } else if !body_complete && body_error.is_none() {
+        After::LingerAndClose
+    } else {
+        After::Close
     }
 }

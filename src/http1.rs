@@ -1,0 +1,809 @@
+//! HTTP/1.1 on the server side, as bytes on a socket: reading request heads
+//! (with `httparse`), reading request bodies, writing responses.
+//!
+//! Owns framing and nothing else. Every read is bounded in size and time by
+//! the caller's socket timeouts and the limits here; nothing allocates in
+//! proportion to what a client *claims* (a `Content-Length` of a terabyte
+//! costs nothing until bytes arrive). A body that ends early is an error,
+//! never a short success, and a response body that cannot be completed is
+//! left visibly unfinished (no final chunk) so the client can tell.
+
+use std::io::{self, BufRead, Read, Write};
+
+use crate::proxy::{BodyFraming, HttpVersion};
+
+/// Request line plus headers.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Request line alone; past this the answer is 414.
+pub const MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
+pub const MAX_HEADERS: usize = 100;
+/// A chunk-size line, extensions included.
+const MAX_CHUNK_LINE_BYTES: usize = 4096;
+/// Chunked trailers, all lines together (they are read and dropped).
+const MAX_TRAILER_BYTES: usize = 16 * 1024;
+/// Response body copy buffer.
+const COPY_BUFFER_BYTES: usize = 64 * 1024;
+
+/// A parsed request head.
+#[derive(Debug)]
+pub struct RequestHead {
+    pub method: String,
+    pub target: String,
+    pub version: HttpVersion,
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Debug)]
+pub enum HeadError {
+    /// The client closed the connection before the first byte: the normal
+    /// end of a keep-alive connection.
+    Closed,
+    /// No byte arrived before the read timeout (or `before_each_read` gave
+    /// up waiting): the connection is idle.
+    Idle,
+    /// 414: the request line alone is longer than [`MAX_REQUEST_LINE_BYTES`].
+    LineTooLong,
+    /// 431: head over [`MAX_HEAD_BYTES`] or over [`MAX_HEADERS`] fields.
+    TooLarge,
+    /// 408: the head did not arrive in time.
+    Timeout,
+    /// 400.
+    Malformed(String),
+    /// The connection broke mid-head.
+    Broken,
+}
+
+impl HeadError {
+    /// The status to answer with, if any answer is due.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            HeadError::Closed | HeadError::Idle | HeadError::Broken => None,
+            HeadError::LineTooLong => Some(414),
+            HeadError::TooLarge => Some(431),
+            HeadError::Timeout => Some(408),
+            HeadError::Malformed(_) => Some(400),
+        }
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Reads one request head. `before_each_read` is called before every socket
+/// read that is still needed, with whether any byte has arrived yet; the
+/// caller uses it to set the idle and header-deadline timeouts, and returns
+/// a `TimedOut` error to stop waiting.
+pub fn read_head<R: BufRead>(
+    reader: &mut R,
+    mut before_each_read: impl FnMut(bool) -> io::Result<()>,
+) -> Result<RequestHead, HeadError> {
+    let mut head: Vec<u8> = Vec::new();
+    loop {
+        let waited = before_each_read(!head.is_empty());
+        let available = match waited.and_then(|_| reader.fill_buf()) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if is_timeout(&e) && head.is_empty() => return Err(HeadError::Idle),
+            Err(e) if is_timeout(&e) => return Err(HeadError::Timeout),
+            Err(_) => return Err(HeadError::Broken),
+        };
+        if available.is_empty() {
+            return Err(if head.is_empty() {
+                HeadError::Closed
+            } else {
+                HeadError::Malformed("connection closed in the middle of the request head".into())
+            });
+        }
+        let mut used = 0;
+        let mut complete = false;
+        for &b in available {
+            used += 1;
+            // RFC 9112 §2.2: empty lines before the request line are ignored.
+            if head.is_empty() && (b == b'\r' || b == b'\n') {
+                continue;
+            }
+            head.push(b);
+            if head.ends_with(b"\r\n\r\n") || head.ends_with(b"\n\n") {
+                complete = true;
+                break;
+            }
+            if head.len() > MAX_HEAD_BYTES {
+                break;
+            }
+        }
+        reader.consume(used);
+        let line_end = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
+        if line_end > MAX_REQUEST_LINE_BYTES {
+            return Err(HeadError::LineTooLong);
+        }
+        if head.len() > MAX_HEAD_BYTES {
+            return Err(HeadError::TooLarge);
+        }
+        if complete {
+            return parse_head(&head);
+        }
+    }
+}
+
+fn parse_head(head: &[u8]) -> Result<RequestHead, HeadError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut fields);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => {
+            return Err(HeadError::Malformed("incomplete request head".into()));
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(e) => return Err(HeadError::Malformed(format!("bad request head: {e}"))),
+    }
+    let version = match req.version {
+        Some(0) => HttpVersion::Http10,
+        Some(1) => HttpVersion::Http11,
+        _ => return Err(HeadError::Malformed("unsupported HTTP version".into())),
+    };
+    let headers = req
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_string(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    Ok(RequestHead {
+        method: req.method.unwrap_or_default().to_string(),
+        target: req.path.unwrap_or_default().to_string(),
+        version,
+        headers,
+    })
+}
+
+fn header_values<'a>(
+    headers: &'a [(String, String)],
+    name: &'a str,
+) -> impl Iterator<Item = &'a str> + 'a {
+    headers
+        .iter()
+        .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// True when `Connection` lists `token`.
+pub fn connection_has(headers: &[(String, String)], token: &str) -> bool {
+    header_values(headers, "connection")
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Decides how the request body is framed (RFC 9112 §6). Ambiguity is
+/// refused: a proxy that reads a body differently from its backend is a
+/// request-smuggling vector. Transfer-Encoding wins over Content-Length.
+pub fn request_framing(headers: &[(String, String)]) -> Result<BodyFraming, &'static str> {
+    let te: Vec<&str> = header_values(headers, "transfer-encoding").collect();
+    if !te.is_empty() {
+        let last = te
+            .last()
+            .and_then(|v| v.rsplit(',').next())
+            .map(str::trim)
+            .unwrap_or("");
+        if !last.eq_ignore_ascii_case("chunked") {
+            return Err("Transfer-Encoding must end in chunked");
+        }
+        return Ok(BodyFraming::Chunked);
+    }
+    let mut length: Option<u64> = None;
+    for value in header_values(headers, "content-length") {
+        let v = value.trim();
+        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+            return Err("invalid Content-Length");
+        }
+        let n: u64 = v.parse().map_err(|_| "invalid Content-Length")?;
+        if length.is_some_and(|l| l != n) {
+            return Err("conflicting Content-Length values");
+        }
+        length = Some(n);
+    }
+    Ok(match length {
+        Some(0) | None => BodyFraming::None,
+        Some(n) => BodyFraming::Sized(n),
+    })
+}
+
+/// Reads a request body as framed, from the connection's buffered reader.
+/// Sends `100 Continue` before the first read when the client asked for it.
+/// Ends with `UnexpectedEof` if the client stops before the body is whole.
+pub struct BodyReader<'a, R: BufRead, W: Write> {
+    conn: &'a mut R,
+    state: BodyState,
+    /// Where to send `100 Continue`, until it has been sent.
+    continue_to: Option<&'a mut W>,
+    /// The read error that ended the body early, if any.
+    pub error: Option<io::ErrorKind>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum BodyState {
+    Length(u64),
+    /// Bytes left in the current chunk (0: a size line comes next).
+    Chunk {
+        left: u64,
+        first: bool,
+    },
+    Done,
+}
+
+impl<'a, R: BufRead, W: Write> BodyReader<'a, R, W> {
+    pub fn new(conn: &'a mut R, framing: BodyFraming, continue_to: Option<&'a mut W>) -> Self {
+        let state = match framing {
+            BodyFraming::None => BodyState::Done,
+            BodyFraming::Sized(n) => BodyState::Length(n),
+            BodyFraming::Chunked => BodyState::Chunk {
+                left: 0,
+                first: true,
+            },
+        };
+        BodyReader {
+            conn,
+            state,
+            continue_to: if state == BodyState::Done {
+                None
+            } else {
+                continue_to
+            },
+            error: None,
+        }
+    }
+
+    /// True once the whole body has been read.
+    pub fn is_complete(&self) -> bool {
+        self.state == BodyState::Done
+    }
+
+    fn read_inner(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(w) = self.continue_to.take() {
+            w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+            w.flush()?;
+        }
+        loop {
+            match self.state {
+                BodyState::Done => return Ok(0),
+                BodyState::Length(left) => {
+                    let n = self.read_some(buf, left)?;
+                    self.state = if left == n as u64 {
+                        BodyState::Done
+                    } else {
+                        BodyState::Length(left - n as u64)
+                    };
+                    return Ok(n);
+                }
+                BodyState::Chunk { left: 0, first } => {
+                    if !first {
+                        self.expect_crlf()?;
+                    }
+                    let size = self.chunk_size()?;
+                    if size == 0 {
+                        self.skip_trailers()?;
+                        self.state = BodyState::Done;
+                        return Ok(0);
+                    }
+                    self.state = BodyState::Chunk {
+                        left: size,
+                        first: false,
+                    };
+                }
+                BodyState::Chunk { left, first } => {
+                    let n = self.read_some(buf, left)?;
+                    self.state = BodyState::Chunk {
+                        left: left - n as u64,
+                        first,
+                    };
+                    return Ok(n);
+                }
+            }
+        }
+    }
+
+    /// Reads up to `left` bytes (at least one); EOF is an error here.
+    fn read_some(&mut self, buf: &mut [u8], left: u64) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.conn.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "client closed the connection before the end of the request body",
+            ));
+        }
+        Ok(n)
+    }
+
+    fn read_line(&mut self, max: usize) -> io::Result<Vec<u8>> {
+        let mut line = Vec::new();
+        loop {
+            let available = self.conn.fill_buf()?;
+            if available.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "client closed the connection inside a chunked body",
+                ));
+            }
+            let (take, done) = match available.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (available.len(), false),
+            };
+            line.extend_from_slice(&available[..take]);
+            self.conn.consume(take);
+            if line.len() > max {
+                return Err(bad_chunk("chunk line too long"));
+            }
+            if done {
+                while matches!(line.last(), Some(b'\n' | b'\r')) {
+                    line.pop();
+                }
+                return Ok(line);
+            }
+        }
+    }
+
+    fn chunk_size(&mut self) -> io::Result<u64> {
+        let line = self.read_line(MAX_CHUNK_LINE_BYTES)?;
+        let digits = line.split(|&b| b == b';').next().unwrap_or_default();
+        let digits = std::str::from_utf8(digits)
+            .map_err(|_| bad_chunk("chunk size is not hex"))?
+            .trim();
+        if digits.is_empty() || digits.len() > 15 {
+            return Err(bad_chunk("bad chunk size"));
+        }
+        u64::from_str_radix(digits, 16).map_err(|_| bad_chunk("chunk size is not hex"))
+    }
+
+    fn expect_crlf(&mut self) -> io::Result<()> {
+        let line = self.read_line(2)?;
+        if line.is_empty() {
+            Ok(())
+        } else {
+            Err(bad_chunk("chunk data longer than its size"))
+        }
+    }
+
+    fn skip_trailers(&mut self) -> io::Result<()> {
+        let mut total = 0;
+        loop {
+            let line = self.read_line(MAX_TRAILER_BYTES)?;
+            total += line.len() + 2;
+            if line.is_empty() {
+                return Ok(());
+            }
+            if total > MAX_TRAILER_BYTES {
+                return Err(bad_chunk("trailers too large"));
+            }
+        }
+    }
+}
+
+fn bad_chunk(why: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why)
+}
+
+impl<R: BufRead, W: Write> Read for BodyReader<'_, R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let result = self.read_inner(buf);
+        if let Err(e) = &result {
+            self.error.get_or_insert(e.kind());
+        }
+        result
+    }
+}
+
+/// How a response is written.
+pub struct ResponseHead<'a> {
+    pub status: u16,
+    pub headers: &'a [(String, String)],
+    /// Body length, when known.
+    pub length: Option<u64>,
+    /// HEAD request: headers only (with the length the body would have).
+    pub head_only: bool,
+    pub version: HttpVersion,
+    pub keep_alive: bool,
+}
+
+/// What writing a response achieved.
+pub struct Written {
+    pub body_bytes: u64,
+    /// The response is complete and correctly framed: the connection can
+    /// carry another request.
+    pub reusable: bool,
+    pub error: Option<String>,
+}
+
+/// Writes a response. With a known length the body is sent as is; without
+/// one it is chunked (HTTP/1.1) or delimited by closing (HTTP/1.0). If the
+/// body fails midway nothing more is written — no final chunk — and the
+/// result says the connection must be closed, so a truncated body never
+/// looks complete.
+pub fn write_response<W: Write>(
+    out: &mut W,
+    resp: &ResponseHead<'_>,
+    body: &mut dyn Read,
+) -> Written {
+    let no_body = resp.head_only || matches!(resp.status, 100..=199 | 204 | 304);
+    let chunked = !no_body && resp.length.is_none() && resp.version == HttpVersion::Http11;
+    let close_delimited = !no_body && resp.length.is_none() && !chunked;
+    let keep_alive = resp.keep_alive && !close_delimited;
+
+    let mut head = String::with_capacity(256);
+    head.push_str("HTTP/1.1 ");
+    head.push_str(&resp.status.to_string());
+    head.push(' ');
+    head.push_str(reason(resp.status));
+    head.push_str("\r\n");
+    for (name, value) in resp.headers {
+        head.push_str(name);
+        head.push_str(": ");
+        head.push_str(value);
+        head.push_str("\r\n");
+    }
+    if let Some(n) = resp.length {
+        // RFC 9110 §8.6: never on 1xx/204; a 304 or HEAD may carry the
+        // length of the body it stands for.
+        if !matches!(resp.status, 100..=199 | 204) {
+            head.push_str("Content-Length: ");
+            head.push_str(&n.to_string());
+            head.push_str("\r\n");
+        }
+    }
+    if chunked {
+        head.push_str("Transfer-Encoding: chunked\r\n");
+    }
+    if !keep_alive {
+        head.push_str("Connection: close\r\n");
+    }
+    head.push_str("\r\n");
+
+    let fail = |bytes, e: String| Written {
+        body_bytes: bytes,
+        reusable: false,
+        error: Some(e),
+    };
+    if let Err(e) = out.write_all(head.as_bytes()) {
+        return fail(0, format!("writing the response head: {e}"));
+    }
+    let mut sent = 0u64;
+    if !no_body {
+        let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+        let limit = resp.length.unwrap_or(u64::MAX);
+        while sent < limit {
+            let want = buf
+                .len()
+                .min(usize::try_from(limit - sent).unwrap_or(usize::MAX));
+            let n = match body.read(&mut buf[..want]) {
+                Ok(0) if resp.length.is_some() => {
+                    let _ = out.flush();
+                    return fail(
+                        sent,
+                        format!("backend body ended after {sent} of {limit} bytes"),
+                    );
+                }
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let _ = out.flush();
+                    return fail(sent, format!("backend body failed after {sent} bytes: {e}"));
+                }
+            };
+            let written = if chunked {
+                write!(out, "{n:x}\r\n")
+                    .and_then(|_| out.write_all(&buf[..n]))
+                    .and_then(|_| out.write_all(b"\r\n"))
+            } else {
+                out.write_all(&buf[..n])
+            };
+            if let Err(e) = written {
+                return fail(sent, format!("client stopped reading: {e}"));
+            }
+            sent += n as u64;
+        }
+        if chunked && let Err(e) = out.write_all(b"0\r\n\r\n") {
+            return fail(sent, format!("client stopped reading: {e}"));
+        }
+    }
+    if let Err(e) = out.flush() {
+        return fail(sent, format!("client stopped reading: {e}"));
+    }
+    Written {
+        body_bytes: sent,
+        reusable: keep_alive,
+        error: None,
+    }
+}
+
+/// Reason phrases (RFC 9110 §15); clients ignore them, but people read them.
+fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        101 => "Switching Protocols",
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        203 => "Non-Authoritative Information",
+        204 => "No Content",
+        206 => "Partial Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        304 => "Not Modified",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        406 => "Not Acceptable",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        410 => "Gone",
+        411 => "Length Required",
+        412 => "Precondition Failed",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        415 => "Unsupported Media Type",
+        416 => "Range Not Satisfiable",
+        417 => "Expectation Failed",
+        418 => "I'm a teapot",
+        421 => "Misdirected Request",
+        422 => "Unprocessable Content",
+        425 => "Too Early",
+        426 => "Upgrade Required",
+        428 => "Precondition Required",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        451 => "Unavailable For Legal Reasons",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "Status",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufReader, Cursor};
+
+    fn head(raw: &[u8]) -> Result<RequestHead, HeadError> {
+        read_head(&mut BufReader::new(Cursor::new(raw.to_vec())), |_| Ok(()))
+    }
+
+    fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn body(raw: &[u8], framing: BodyFraming) -> (io::Result<Vec<u8>>, bool) {
+        let mut conn = BufReader::new(Cursor::new(raw.to_vec()));
+        let mut reader = BodyReader::<_, Vec<u8>>::new(&mut conn, framing, None);
+        let mut out = Vec::new();
+        let r = reader.read_to_end(&mut out).map(|_| out);
+        (r, reader.is_complete())
+    }
+
+    #[test]
+    fn parses_heads() {
+        let r = head(b"\r\nGET /a?b HTTP/1.1\r\nHost: x\r\nX-Y:  z \r\n\r\nrest").unwrap();
+        assert_eq!((r.method.as_str(), r.target.as_str()), ("GET", "/a?b"));
+        assert_eq!(r.version, HttpVersion::Http11);
+        assert_eq!(r.headers, h(&[("Host", "x"), ("X-Y", "z")]));
+        assert_eq!(
+            head(b"GET / HTTP/1.0\n\n").unwrap().version,
+            HttpVersion::Http10
+        );
+    }
+
+    #[test]
+    fn refuses_bad_or_oversized_heads() {
+        assert!(matches!(head(b""), Err(HeadError::Closed)));
+        assert!(matches!(
+            head(b"GET / HTTP/1.1\r\nHost"),
+            Err(HeadError::Malformed(_))
+        ));
+        assert!(matches!(
+            head(b"GET / HTTP/2.0\r\n\r\n"),
+            Err(HeadError::Malformed(_))
+        ));
+        assert!(matches!(
+            head(b"\x00\x01\r\n\r\n"),
+            Err(HeadError::Malformed(_))
+        ));
+        let long_line = format!(
+            "GET /{} HTTP/1.1\r\n\r\n",
+            "a".repeat(MAX_REQUEST_LINE_BYTES)
+        );
+        assert!(matches!(
+            head(long_line.as_bytes()),
+            Err(HeadError::LineTooLong)
+        ));
+        let big = format!(
+            "GET / HTTP/1.1\r\nX: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD_BYTES)
+        );
+        assert!(matches!(head(big.as_bytes()), Err(HeadError::TooLarge)));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
+        let many = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        assert!(matches!(head(many.as_bytes()), Err(HeadError::TooLarge)));
+    }
+
+    #[test]
+    fn framing() {
+        let f = |p: &[(&str, &str)]| request_framing(&h(p));
+        assert_eq!(f(&[]), Ok(BodyFraming::None));
+        assert_eq!(f(&[("Content-Length", "0")]), Ok(BodyFraming::None));
+        assert_eq!(f(&[("Content-Length", "12")]), Ok(BodyFraming::Sized(12)));
+        assert_eq!(
+            f(&[("Content-Length", "12"), ("content-length", "12")]),
+            Ok(BodyFraming::Sized(12))
+        );
+        assert_eq!(
+            f(&[
+                ("Transfer-Encoding", "gzip, chunked"),
+                ("Content-Length", "3")
+            ]),
+            Ok(BodyFraming::Chunked)
+        );
+        for bad in [
+            &[("Content-Length", "12"), ("Content-Length", "13")][..],
+            &[("Content-Length", "12, 12")][..],
+            &[("Content-Length", "-1")][..],
+            &[("Content-Length", "1e3")][..],
+            &[("Content-Length", "")][..],
+            &[("Content-Length", "99999999999999999999999")][..],
+            &[("Transfer-Encoding", "gzip")][..],
+            &[("Transfer-Encoding", "chunked, gzip")][..],
+        ] {
+            assert!(f(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn reads_sized_and_chunked_bodies() {
+        let (r, done) = body(b"hello world", BodyFraming::Sized(5));
+        assert_eq!(r.unwrap(), b"hello");
+        assert!(done);
+        let (r, done) = body(
+            b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT",
+            BodyFraming::Chunked,
+        );
+        assert_eq!(r.unwrap(), b"hello world");
+        assert!(done);
+    }
+
+    #[test]
+    fn short_or_broken_bodies_are_errors() {
+        let (r, done) = body(b"abc", BodyFraming::Sized(5));
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert!(!done);
+        for raw in [
+            &b"5\r\nhel"[..],
+            b"zz\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhelloXX\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n",
+            b"ffffffffffffffffff\r\n",
+        ] {
+            let (r, done) = body(raw, BodyFraming::Chunked);
+            assert!(r.is_err(), "{raw:?}");
+            assert!(!done);
+        }
+    }
+
+    #[test]
+    fn huge_claimed_lengths_cost_nothing_up_front() {
+        // A client claiming a terabyte and sending 3 bytes: an error after
+        // 3 bytes, no allocation in proportion to the claim.
+        let (r, _) = body(b"abc", BodyFraming::Sized(1 << 40));
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn continue_is_sent_before_the_first_read_only() {
+        let mut conn = BufReader::new(Cursor::new(b"hello".to_vec()));
+        let mut sink: Vec<u8> = Vec::new();
+        let mut reader = BodyReader::new(&mut conn, BodyFraming::Sized(5), Some(&mut sink));
+        let mut out = Vec::new();
+        reader.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"hello");
+        assert_eq!(sink, b"HTTP/1.1 100 Continue\r\n\r\n");
+        // Never read: never invited.
+        let mut conn = BufReader::new(Cursor::new(b"hello".to_vec()));
+        let mut sink: Vec<u8> = Vec::new();
+        {
+            let reader = BodyReader::new(&mut conn, BodyFraming::Sized(5), Some(&mut sink));
+            assert!(!reader.is_complete());
+        }
+        assert!(sink.is_empty());
+    }
+
+    fn respond(resp: ResponseHead<'_>, body: &[u8]) -> (String, Written) {
+        let mut out = Vec::new();
+        let w = write_response(&mut out, &resp, &mut Cursor::new(body.to_vec()));
+        (String::from_utf8_lossy(&out).into_owned(), w)
+    }
+
+    fn resp(status: u16, length: Option<u64>, version: HttpVersion) -> ResponseHead<'static> {
+        ResponseHead {
+            status,
+            headers: &[],
+            length,
+            head_only: false,
+            version,
+            keep_alive: true,
+        }
+    }
+
+    #[test]
+    fn response_framing() {
+        let (out, w) = respond(resp(200, Some(2), HttpVersion::Http11), b"ok");
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        assert!(w.reusable);
+        let (out, w) = respond(resp(200, None, HttpVersion::Http11), b"hello");
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        assert!(w.reusable);
+        let (out, w) = respond(resp(200, None, HttpVersion::Http10), b"hello");
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello");
+        assert!(!w.reusable);
+        let (out, _) = respond(resp(204, Some(0), HttpVersion::Http11), b"");
+        assert_eq!(out, "HTTP/1.1 204 No Content\r\n\r\n");
+        let (out, _) = respond(resp(304, None, HttpVersion::Http11), b"");
+        assert_eq!(out, "HTTP/1.1 304 Not Modified\r\n\r\n");
+        let mut head = resp(200, Some(1000), HttpVersion::Http11);
+        head.head_only = true;
+        let (out, w) = respond(head, b"");
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n");
+        assert!(w.reusable);
+    }
+
+    #[test]
+    fn truncated_bodies_never_look_complete() {
+        // Known length, body short: no more bytes, connection not reusable.
+        let (out, w) = respond(resp(200, Some(10), HttpVersion::Http11), b"short");
+        assert!(out.ends_with("short"));
+        assert!(!w.reusable && w.error.is_some());
+        // Chunked, body fails: no terminating chunk.
+        struct Failing(usize);
+        impl Read for Failing {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(io::Error::other("backend died"));
+                }
+                self.0 = 0;
+                buf[..3].copy_from_slice(b"abc");
+                Ok(3)
+            }
+        }
+        let mut out = Vec::new();
+        let w = write_response(
+            &mut out,
+            &resp(200, None, HttpVersion::Http11),
+            &mut Failing(1),
+        );
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.ends_with("3\r\nabc\r\n"), "{out:?}");
+        assert!(!w.reusable);
+        assert_eq!(w.body_bytes, 3);
+    }
+}
