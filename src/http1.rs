@@ -21,8 +21,8 @@ pub const MAX_HEADERS: usize = 100;
 const MAX_CHUNK_LINE_BYTES: usize = 4096;
 /// Chunked trailers, all lines together (they are read and dropped).
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
-/// Response body copy buffer.
-const COPY_BUFFER_BYTES: usize = 64 * 1024;
+/// Response body copy buffer (one per connection, reused).
+pub const COPY_BUFFER_BYTES: usize = 32 * 1024;
 
 /// A parsed request head.
 #[derive(Debug)]
@@ -98,23 +98,25 @@ pub fn read_head<R: BufRead>(
                 HeadError::Malformed("connection closed in the middle of the request head".into())
             });
         }
-        let mut used = 0;
-        let mut complete = false;
-        for &b in available {
-            used += 1;
-            // RFC 9112 §2.2: empty lines before the request line are ignored.
-            if head.is_empty() && (b == b'\r' || b == b'\n') {
-                continue;
-            }
-            head.push(b);
-            if head.ends_with(b"\r\n\r\n") || head.ends_with(b"\n\n") {
-                complete = true;
-                break;
-            }
-            if head.len() > MAX_HEAD_BYTES {
-                break;
-            }
+        // RFC 9112 §2.2: empty lines before the request line are ignored.
+        let skip = if head.is_empty() {
+            available
+                .iter()
+                .take_while(|&&b| b == b'\r' || b == b'\n')
+                .count()
+        } else {
+            0
+        };
+        let before = head.len();
+        let room = MAX_HEAD_BYTES + 1 - before;
+        let data = &available[skip..];
+        head.extend_from_slice(&data[..data.len().min(room)]);
+        let end = find_head_end(&head, before.saturating_sub(3));
+        if let Some(end) = end {
+            head.truncate(end);
         }
+        let used = skip + (head.len() - before);
+        let complete = end.is_some();
         reader.consume(used);
         let line_end = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
         if line_end > MAX_REQUEST_LINE_BYTES {
@@ -127,6 +129,18 @@ pub fn read_head<R: BufRead>(
             return parse_head(&head);
         }
     }
+}
+
+/// The index just past the blank line that ends a head (`\r\n\r\n`, or
+/// bare `\n\n`), searching from `from`.
+fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
+    (from..buf.len())
+        .find(|&i| {
+            buf[i] == b'\n'
+                && ((i >= 1 && buf[i - 1] == b'\n')
+                    || (i >= 2 && buf[i - 1] == b'\r' && buf[i - 2] == b'\n'))
+        })
+        .map(|i| i + 1)
 }
 
 fn parse_head(head: &[u8]) -> Result<RequestHead, HeadError> {
@@ -428,10 +442,14 @@ pub struct Written {
 /// body fails midway nothing more is written — no final chunk — and the
 /// result says the connection must be closed, so a truncated body never
 /// looks complete.
+///
+/// `buf` is scratch space for copying the body, kept by the caller so that
+/// a keep-alive connection allocates it once.
 pub fn write_response<W: Write>(
     out: &mut W,
     resp: &ResponseHead<'_>,
     body: &mut dyn Read,
+    buf: &mut Vec<u8>,
 ) -> Written {
     let no_body = resp.head_only || matches!(resp.status, 100..=199 | 204 | 304);
     let chunked = !no_body && resp.length.is_none() && resp.version == HttpVersion::Http11;
@@ -476,8 +494,14 @@ pub fn write_response<W: Write>(
         return fail(0, format!("writing the response head: {e}"));
     }
     let mut sent = 0u64;
-    if !no_body {
-        let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+    if buf.len() < COPY_BUFFER_BYTES {
+        buf.resize(COPY_BUFFER_BYTES, 0);
+    }
+    if no_body {
+        // Nothing to send, but let an HTTP client's reader reach its (empty)
+        // end so the backend connection goes back to the pool.
+        let _ = body.read(&mut buf[..1]);
+    } else {
         let limit = resp.length.unwrap_or(u64::MAX);
         while sent < limit {
             let want = buf
@@ -513,6 +537,12 @@ pub fn write_response<W: Write>(
         }
         if chunked && let Err(e) = out.write_all(b"0\r\n\r\n") {
             return fail(sent, format!("client stopped reading: {e}"));
+        }
+        if resp.length.is_some() {
+            // Let the body reader see its end: an HTTP client returns the
+            // backend connection to its pool only then. (Extra bytes past
+            // the declared length are not ours to send.)
+            let _ = body.read(&mut buf[..1]);
         }
     }
     if let Err(e) = out.flush() {
@@ -737,7 +767,12 @@ mod tests {
 
     fn respond(resp: ResponseHead<'_>, body: &[u8]) -> (String, Written) {
         let mut out = Vec::new();
-        let w = write_response(&mut out, &resp, &mut Cursor::new(body.to_vec()));
+        let w = write_response(
+            &mut out,
+            &resp,
+            &mut Cursor::new(body.to_vec()),
+            &mut Vec::new(),
+        );
         (String::from_utf8_lossy(&out).into_owned(), w)
     }
 
@@ -800,6 +835,7 @@ mod tests {
             &mut out,
             &resp(200, None, HttpVersion::Http11),
             &mut Failing(1),
+            &mut Vec::new(),
         );
         let out = String::from_utf8(out).unwrap();
         assert!(out.ends_with("3\r\nabc\r\n"), "{out:?}");

@@ -195,6 +195,7 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read_half);
     let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, stream);
     let mut idle_since = Instant::now();
+    let mut copy_buf = Vec::new();
 
     loop {
         let mut head_deadline: Option<Instant> = None;
@@ -230,7 +231,7 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         };
         shared.busy.fetch_add(1, Ordering::SeqCst);
         let _busy = BusyGuard(&shared.busy);
-        match serve_request(head, &mut reader, &mut writer, peer, shared) {
+        match serve_request(head, &mut reader, &mut writer, &mut copy_buf, peer, shared) {
             After::KeepAlive if !shared.stop.load(Ordering::SeqCst) => {}
             After::KeepAlive | After::Close => return,
             After::LingerAndClose => {
@@ -276,6 +277,7 @@ fn answer_bad_head(
             keep_alive: false,
         },
         &mut text.as_bytes(),
+        &mut Vec::new(),
     );
     shared.log.request(RequestRecord {
         status,
@@ -318,6 +320,7 @@ fn serve_request(
     head: http1::RequestHead,
     reader: &mut BufReader<TcpStream>,
     writer: &mut BufWriter<TcpStream>,
+    copy_buf: &mut Vec<u8>,
     peer: SocketAddr,
     shared: &Shared,
 ) -> After {
@@ -405,6 +408,7 @@ fn serve_request(
             keep_alive,
         },
         &mut *body,
+        copy_buf,
     );
 
     let error = outcome.error.or(written.error);

@@ -208,6 +208,35 @@ fn big_bodies_stream_in_flat_memory() {
 }
 
 #[test]
+fn backend_connections_are_reused() {
+    let etcd = Etcd::start();
+    let b = Backend::start("pooled");
+    let counter = common::Forwarder::start(b.addr);
+    etcd.put(&format!("{D}/pool.example.com/r"), &counter.url());
+    let router = Router::start(&etcd.url(), &[]);
+    router.wait_backends("pool.example.com", &["pooled"]);
+    let before = counter.accepted.load(std::sync::atomic::Ordering::SeqCst);
+    for path in [
+        "/",
+        "/bytes/100000",
+        "/chunked/1000",
+        "/status/204",
+        "/status/304",
+        "/",
+    ] {
+        let r = router.get("pool.example.com", path);
+        assert!(r.status < 400, "{path}: {}", r.status);
+        let r = request(&router.addr(), "HEAD", "pool.example.com", path, &[], None);
+        assert!(r.status < 400, "HEAD {path}: {}", r.status);
+    }
+    let opened = counter.accepted.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!(
+        opened <= 1,
+        "12 sequential requests opened {opened} backend connections"
+    );
+}
+
+#[test]
 fn large_known_lengths_keep_their_framing() {
     let (_etcd, _b, router) = setup();
     let out = raw_exchange(

@@ -715,6 +715,8 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
 /// behind it keeps running.
 pub struct Forwarder {
     pub port: u16,
+    /// Connections accepted so far.
+    pub accepted: Arc<AtomicUsize>,
     open: Arc<std::sync::atomic::AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -728,7 +730,13 @@ impl Forwarder {
         let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
-        let (o, s, c) = (Arc::clone(&open), Arc::clone(&stop), Arc::clone(&conns));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (o, s, c, a) = (
+            Arc::clone(&open),
+            Arc::clone(&stop),
+            Arc::clone(&conns),
+            Arc::clone(&accepted),
+        );
         std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
                 let client = match listener.accept() {
@@ -739,6 +747,7 @@ impl Forwarder {
                     }
                 };
                 let _ = client.set_nonblocking(false);
+                a.fetch_add(1, Ordering::SeqCst);
                 if !o.load(Ordering::SeqCst) {
                     continue;
                 }
@@ -765,6 +774,7 @@ impl Forwarder {
         });
         Forwarder {
             port,
+            accepted,
             open,
             conns,
             stop,
