@@ -71,10 +71,13 @@ pub struct BackendClient {
 /// close idle keep-alive connections after 5 s, and reusing one just as it
 /// closes fails the request.
 const POOL_IDLE_MAX_SECS: u64 = 4;
+/// Idle keep-alive connections kept per backend, and in all.
+const POOL_IDLE_MAX_PER_BACKEND: usize = 256;
+const POOL_IDLE_MAX_TOTAL: usize = 1024;
 
 impl BackendClient {
-    /// `pool_size` idle keep-alive connections are kept per backend; one per
-    /// worker means a busy domain never has to reconnect.
+    /// Up to `pool_size` idle keep-alive connections are kept per backend
+    /// (one per client connection the router serves at once, capped).
     pub fn new(connect_timeout: Duration, response_timeout: Duration, pool_size: usize) -> Self {
         let agent = ureq::Agent::config_builder()
             // A proxy from the environment (http_proxy) must not capture
@@ -92,8 +95,13 @@ impl BackendClient {
             // Per read and write: the longest pause inside a body.
             .timeout_per_read(Some(response_timeout))
             .timeout_per_write(Some(response_timeout))
-            .max_idle_connections(pool_size.saturating_mul(4).max(16))
-            .max_idle_connections_per_host(pool_size.max(1))
+            .max_idle_connections(POOL_IDLE_MAX_TOTAL)
+            .max_idle_connections_per_host(pool_size.clamp(1, POOL_IDLE_MAX_PER_BACKEND))
+            // ureq's 128 KiB default buffers, times every pooled connection,
+            // would dominate the router's memory; 64 KiB still holds the
+            // largest response head ureq accepts.
+            .input_buffer_size(64 * 1024)
+            .output_buffer_size(16 * 1024)
             .max_idle_age(Duration::from_secs(POOL_IDLE_MAX_SECS))
             .build()
             .new_agent();
