@@ -4,9 +4,10 @@
 #   scripts/demo.sh [httprouter flags...]
 #
 # With --etcdurl among the flags, it just runs the router with them. Without
-# one, it starts a throwaway etcd on 127.0.0.1:2379 (temporary data dir),
-# two demo backends on 127.0.0.1:9001 and :9002 registered for
-# demo.example.com with scripts/register.sh, and the router on :8080.
+# one, it starts a throwaway etcd (temporary data dir, first free loopback
+# port from 23790; a packaged etcd on 2379 is left alone), two demo backends
+# (first free ports from 9001) registered for demo.example.com with
+# scripts/register.sh, and the router on :8080.
 # Ctrl-C stops everything it started (by PID) and removes the temp dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,37 +34,47 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in 2379 2380 8080 9001 9002; do
-  if port_busy "$p"; then
-    echo "demo.sh: port $p is in use. Stop what uses it, or run the router against your own etcd:" >&2
-    echo "  scripts/demo.sh --etcdurl http://HOST:2379" >&2
-    exit 1
-  fi
-done
+free_port() {
+  local p=$1
+  while port_busy "$p" || [[ " ${taken[*]:-} " == *" $p "* ]]; do p=$((p + 1)); done
+  taken+=("$p")
+  echo "$p"
+}
+if port_busy 8080; then
+  echo "demo.sh: port 8080 is in use; stop what uses it first." >&2
+  exit 1
+fi
+taken=()
+etcd_port=$(free_port 23790)
+peer_port=$(free_port $((etcd_port + 1)))
+web1_port=$(free_port 9001)
+web2_port=$(free_port $((web1_port + 1)))
+etcd_url=http://127.0.0.1:$etcd_port
 
 # In its own session: a Ctrl-C in the terminal must not stop etcd before
 # register.sh has removed its keys; cleanup stops it last.
 setsid etcd --name demo --data-dir "$tmp/etcd" --enable-v2=true \
-  --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
-  --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
-  --initial-cluster demo=http://127.0.0.1:2380 --log-level error >"$tmp/etcd.log" 2>&1 &
+  --listen-client-urls "$etcd_url" --advertise-client-urls "$etcd_url" \
+  --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+  --initial-cluster "demo=http://127.0.0.1:$peer_port" --log-level error >"$tmp/etcd.log" 2>&1 &
 etcd_pid=$!
-for _ in $(seq 100); do curl -fs -o /dev/null http://127.0.0.1:2379/version && break; sleep 0.1; done
-curl -fs -o /dev/null http://127.0.0.1:2379/version || { echo "demo.sh: etcd did not start:"; tail "$tmp/etcd.log"; exit 1; } >&2
+for _ in $(seq 100); do curl -fs -o /dev/null "$etcd_url/version" && break; sleep 0.1; done
+curl -fs -o /dev/null "$etcd_url/version" || { echo "demo.sh: etcd did not start:"; tail "$tmp/etcd.log"; exit 1; } >&2
 
-target/release/examples/demo_backend 127.0.0.1:9001 web1 & pids+=($!)
-target/release/examples/demo_backend 127.0.0.1:9002 web2 & pids+=($!)
-scripts/register.sh demo.example.com 127.0.0.1 9001 http://127.0.0.1:2379 & pids+=($!)
-scripts/register.sh demo.example.com 127.0.0.1 9002 http://127.0.0.1:2379 & pids+=($!)
+target/release/examples/demo_backend "127.0.0.1:$web1_port" web1 & pids+=($!)
+target/release/examples/demo_backend "127.0.0.1:$web2_port" web2 & pids+=($!)
+scripts/register.sh demo.example.com 127.0.0.1 "$web1_port" "$etcd_url" & pids+=($!)
+scripts/register.sh demo.example.com 127.0.0.1 "$web2_port" "$etcd_url" & pids+=($!)
 
 cat >&2 <<MSG
 
-  httprouter is starting on :8080 with a local etcd and two demo backends.
+  httprouter is starting on :8080, with a throwaway etcd at $etcd_url and
+  demo backends on :$web1_port and :$web2_port.
   Try:   curl -H 'Host: demo.example.com' localhost:8080/
   Stop:  Ctrl-C
 
 MSG
-"$bin" --listen 0.0.0.0:8080 --etcdurl http://127.0.0.1:2379 "$@" &
+"$bin" --listen 0.0.0.0:8080 --etcdurl "$etcd_url" "$@" &
 router=$!
 pids=("$router" "${pids[@]}")
 wait "$router"
