@@ -194,31 +194,53 @@ pub fn connection_has(headers: &[(String, String)], token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// Decides how the request body is framed (RFC 9112 §6). Ambiguity is
-/// refused: a proxy that reads a body differently from its backend is a
-/// request-smuggling vector. Transfer-Encoding wins over Content-Length.
-pub fn request_framing(headers: &[(String, String)]) -> Result<BodyFraming, &'static str> {
+/// Why a request's framing is refused, with the status to answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadFraming {
+    pub status: u16,
+    pub why: &'static str,
+}
+
+const fn bad_framing(status: u16, why: &'static str) -> BadFraming {
+    BadFraming { status, why }
+}
+
+/// Decides how the request body is framed (RFC 9112 §6). Anything
+/// ambiguous is refused, and the connection is closed after the answer: a
+/// proxy that reads a body differently from the hop before or after it is
+/// a request-smuggling vector.
+pub fn request_framing(
+    version: HttpVersion,
+    headers: &[(String, String)],
+) -> Result<BodyFraming, BadFraming> {
     let te: Vec<&str> = header_values(headers, "transfer-encoding").collect();
+    let has_length = header_values(headers, "content-length").next().is_some();
     if !te.is_empty() {
-        let last = te
-            .last()
-            .and_then(|v| v.rsplit(',').next())
-            .map(str::trim)
-            .unwrap_or("");
-        if !last.eq_ignore_ascii_case("chunked") {
-            return Err("Transfer-Encoding must end in chunked");
+        if version == HttpVersion::Http10 {
+            return Err(bad_framing(400, "Transfer-Encoding in an HTTP/1.0 request"));
         }
-        return Ok(BodyFraming::Chunked);
+        if has_length {
+            return Err(bad_framing(400, "both Transfer-Encoding and Content-Length"));
+        }
+        // Only plain chunked: other codings would reach the backend
+        // decoded of their chunking but still encoded, with nothing saying so.
+        let mut codings = te.iter().flat_map(|v| v.split(',')).map(str::trim);
+        return match (codings.next(), codings.next()) {
+            (Some(c), None) if c.eq_ignore_ascii_case("chunked") => Ok(BodyFraming::Chunked),
+            _ => Err(bad_framing(501, "only Transfer-Encoding: chunked is supported")),
+        };
     }
     let mut length: Option<u64> = None;
     for value in header_values(headers, "content-length") {
         let v = value.trim();
         if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
-            return Err("invalid Content-Length");
+            return Err(bad_framing(400, "invalid Content-Length"));
         }
-        let n: u64 = v.parse().map_err(|_| "invalid Content-Length")?;
+        let n: u64 = v
+            .parse()
+            .map_err(|_| bad_framing(400, "invalid Content-Length"))?;
         if length.is_some_and(|l| l != n) {
-            return Err("conflicting Content-Length values");
+            return Err(bad_framing(400, "conflicting Content-Length values"));
         }
         length = Some(n);
     }
@@ -358,24 +380,33 @@ impl<'a, R: BufRead, W: Write> BodyReader<'a, R, W> {
                 return Err(bad_chunk("chunk line too long"));
             }
             if done {
-                while matches!(line.last(), Some(b'\n' | b'\r')) {
-                    line.pop();
+                // RFC 9112 §7.1: lines end in CRLF; a bare LF or a stray CR
+                // is how two parsers are made to disagree on a body's end.
+                if !line.ends_with(b"\r\n") {
+                    return Err(bad_chunk("chunk line does not end in CRLF"));
+                }
+                line.truncate(line.len() - 2);
+                if line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+                    return Err(bad_chunk("control character in a chunk line"));
                 }
                 return Ok(line);
             }
         }
     }
 
+    /// `chunk-size [ BWS ";" chunk-ext ]`: hex digits only (no sign, no
+    /// surrounding space but the BWS before an extension), at most 15 of them.
     fn chunk_size(&mut self) -> io::Result<u64> {
         let line = self.read_line(MAX_CHUNK_LINE_BYTES)?;
-        let digits = line.split(|&b| b == b';').next().unwrap_or_default();
-        let digits = std::str::from_utf8(digits)
-            .map_err(|_| bad_chunk("chunk size is not hex"))?
-            .trim();
-        if digits.is_empty() || digits.len() > 15 {
+        let digits = match line.iter().position(|&b| b == b';') {
+            Some(i) => line[..i].trim_ascii_end(),
+            None => &line[..],
+        };
+        if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
             return Err(bad_chunk("bad chunk size"));
         }
-        u64::from_str_radix(digits, 16).map_err(|_| bad_chunk("chunk size is not hex"))
+        let digits = std::str::from_utf8(digits).map_err(|_| bad_chunk("bad chunk size"))?;
+        u64::from_str_radix(digits, 16).map_err(|_| bad_chunk("bad chunk size"))
     }
 
     fn expect_crlf(&mut self) -> io::Result<()> {
@@ -530,7 +561,9 @@ pub fn write_response<W: Write>(
             } else {
                 out.write_all(&buf[..n])
             };
-            if let Err(e) = written {
+            // Flushed as it comes: a streamed answer (server-sent events, a
+            // long poll, a slow download) must not wait for a buffer to fill.
+            if let Err(e) = written.and_then(|_| out.flush()) {
                 return fail(sent, format!("client stopped reading: {e}"));
             }
             sent += n as u64;
@@ -678,7 +711,7 @@ mod tests {
 
     #[test]
     fn framing() {
-        let f = |p: &[(&str, &str)]| request_framing(&h(p));
+        let f = |p: &[(&str, &str)]| request_framing(HttpVersion::Http11, &h(p));
         assert_eq!(f(&[]), Ok(BodyFraming::None));
         assert_eq!(f(&[("Content-Length", "0")]), Ok(BodyFraming::None));
         assert_eq!(f(&[("Content-Length", "12")]), Ok(BodyFraming::Sized(12)));
@@ -686,25 +719,29 @@ mod tests {
             f(&[("Content-Length", "12"), ("content-length", "12")]),
             Ok(BodyFraming::Sized(12))
         );
-        assert_eq!(
-            f(&[
-                ("Transfer-Encoding", "gzip, chunked"),
-                ("Content-Length", "3")
-            ]),
-            Ok(BodyFraming::Chunked)
-        );
+        assert_eq!(f(&[("Transfer-Encoding", "Chunked")]), Ok(BodyFraming::Chunked));
         for bad in [
             &[("Content-Length", "12"), ("Content-Length", "13")][..],
             &[("Content-Length", "12, 12")][..],
             &[("Content-Length", "-1")][..],
+            &[("Content-Length", "+1")][..],
             &[("Content-Length", "1e3")][..],
             &[("Content-Length", "")][..],
             &[("Content-Length", "99999999999999999999999")][..],
+            &[("Transfer-Encoding", "chunked"), ("Content-Length", "3")][..],
+        ] {
+            assert_eq!(f(bad).map_err(|e| e.status), Err(400), "{bad:?}");
+        }
+        for unsupported in [
             &[("Transfer-Encoding", "gzip")][..],
+            &[("Transfer-Encoding", "gzip, chunked")][..],
+            &[("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")][..],
             &[("Transfer-Encoding", "chunked, gzip")][..],
         ] {
-            assert!(f(bad).is_err(), "{bad:?}");
+            assert_eq!(f(unsupported).map_err(|e| e.status), Err(501), "{unsupported:?}");
         }
+        let old = request_framing(HttpVersion::Http10, &h(&[("Transfer-Encoding", "chunked")]));
+        assert_eq!(old.map_err(|e| e.status), Err(400));
     }
 
     #[test]
@@ -713,7 +750,7 @@ mod tests {
         assert_eq!(r.unwrap(), b"hello");
         assert!(done);
         let (r, done) = body(
-            b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT",
+            b"5 ;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT",
             BodyFraming::Chunked,
         );
         assert_eq!(r.unwrap(), b"hello world");
@@ -731,6 +768,16 @@ mod tests {
             b"5\r\nhelloXX\r\n0\r\n\r\n",
             b"5\r\nhello\r\n",
             b"ffffffffffffffffff\r\n",
+            // The "funky chunks" family: lenient parsers disagree on these.
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\n0\r\n\r\n",
+            b"+5\r\nhello\r\n0\r\n\r\n",
+            b" 5\r\nhello\r\n0\r\n\r\n",
+            b"5 \r\nhello\r\n0\r\n\r\n",
+            b"5\r\r\nhello\r\n0\r\n\r\n",
+            b"5;a\rb\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nX: \x01\r\n\r\n",
+            b"5\r\nhello\r\n0\r\n\n",
         ] {
             let (r, done) = body(raw, BodyFraming::Chunked);
             assert!(r.is_err(), "{raw:?}");

@@ -7,6 +7,7 @@
 //! instead of costing a thread each. A panic while serving a request costs
 //! that connection, never the process.
 
+use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::panic::AssertUnwindSafe;
@@ -23,14 +24,17 @@ use crate::proxy::{HttpVersion, IncomingRequest, Proxy, ProxyResponse};
 const CONNECTION_STACK_BYTES: usize = 256 * 1024;
 const READ_BUFFER_BYTES: usize = 16 * 1024;
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
-/// An idle keep-alive connection is closed after this.
-pub const KEEPALIVE_IDLE_SECS: u64 = 60;
-/// The whole request head must arrive within this of its first byte.
+/// An idle keep-alive connection is closed after this. Each one holds a
+/// thread and a connection slot, so it is kept short.
+pub const KEEPALIVE_IDLE_SECS: u64 = 15;
+/// A request head must be complete within this of its first byte, and the
+/// first request of a connection within this of the accept.
 pub const HEADER_DEADLINE_SECS: u64 = 10;
 /// Longest pause while reading a request body or writing a response.
 pub const CLIENT_IO_TIMEOUT_SECS: u64 = 60;
-/// How often an idle connection looks at the shutdown flag.
-const IDLE_POLL_MILLIS: u64 = 250;
+/// How long the acceptor waits for a free slot before looking at the stop
+/// flag again.
+const SLOT_POLL_MILLIS: u64 = 250;
 /// Closing a socket with unread input makes the kernel send a reset, which
 /// can destroy the answer before the client reads it; so after answering a
 /// request whose body was not read, input is read and dropped for a while
@@ -49,6 +53,41 @@ struct Shared {
     open: Mutex<usize>,
     slot_freed: Condvar,
     max_connections: usize,
+    /// Every open connection, so that shutdown can close the idle ones at
+    /// once instead of each polling for it.
+    registry: Mutex<Registry>,
+}
+
+#[derive(Default)]
+struct Registry {
+    next_id: u64,
+    conns: HashMap<u64, (TcpStream, Arc<AtomicBool>)>,
+}
+
+/// A connection's entry in the registry, removed on drop.
+struct Registered<'a> {
+    shared: &'a Shared,
+    id: u64,
+    idle: Arc<AtomicBool>,
+}
+
+impl<'a> Registered<'a> {
+    fn new(shared: &'a Shared, stream: &TcpStream) -> Option<Registered<'a>> {
+        let clone = stream.try_clone().ok()?;
+        let idle = Arc::new(AtomicBool::new(true));
+        let mut reg = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let id = reg.next_id;
+        reg.next_id += 1;
+        reg.conns.insert(id, (clone, Arc::clone(&idle)));
+        Some(Registered { shared, id, idle })
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let mut reg = self.shared.registry.lock().unwrap_or_else(|e| e.into_inner());
+        reg.conns.remove(&self.id);
+    }
 }
 
 pub struct Server {
@@ -77,6 +116,7 @@ impl Server {
             open: Mutex::new(0),
             slot_freed: Condvar::new(),
             max_connections,
+            registry: Mutex::new(Registry::default()),
         });
         let s = Arc::clone(&shared);
         let acceptor = std::thread::Builder::new()
@@ -109,6 +149,16 @@ impl Server {
         };
         let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
         let _ = self.acceptor.join();
+        // Connections waiting for a next request are closed now; the others
+        // close after their current answer (which says so).
+        {
+            let reg = self.shared.registry.lock().unwrap_or_else(|e| e.into_inner());
+            for (stream, idle) in reg.conns.values() {
+                if idle.load(Ordering::SeqCst) {
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                }
+            }
+        }
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline && self.shared.busy.load(Ordering::SeqCst) > 0 {
             std::thread::sleep(Duration::from_millis(20));
@@ -125,7 +175,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             while *open >= shared.max_connections && !shared.stop.load(Ordering::SeqCst) {
                 open = shared
                     .slot_freed
-                    .wait_timeout(open, Duration::from_millis(IDLE_POLL_MILLIS))
+                    .wait_timeout(open, Duration::from_millis(SLOT_POLL_MILLIS))
                     .map(|(g, _)| g)
                     .unwrap_or_else(|e| e.into_inner().0);
             }
@@ -186,42 +236,71 @@ impl Drop for BusyGuard<'_> {
     }
 }
 
+/// The socket's read timeout, set only when it changes: most requests on a
+/// keep-alive connection then cost no `setsockopt` at all.
+struct ReadTimeout<'a> {
+    sock: &'a TcpStream,
+    current: Option<Duration>,
+}
+
+impl ReadTimeout<'_> {
+    fn set(&mut self, t: Duration) -> io::Result<()> {
+        if self.current != Some(t) {
+            self.sock.set_read_timeout(Some(t))?;
+            self.current = Some(t);
+        }
+        Ok(())
+    }
+}
+
 fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+    let accepted = Instant::now();
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(Duration::from_secs(CLIENT_IO_TIMEOUT_SECS)));
+    let Some(registered) = Registered::new(shared, &stream) else {
+        return;
+    };
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
+    let Ok(timeout_handle) = stream.try_clone() else {
+        return;
+    };
+    let mut timeout = ReadTimeout {
+        sock: &timeout_handle,
+        current: None,
+    };
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read_half);
     let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, stream);
-    let mut idle_since = Instant::now();
     let mut copy_buf = Vec::new();
+    let mut first = true;
 
     loop {
+        registered.idle.store(true, Ordering::SeqCst);
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
         let mut head_deadline: Option<Instant> = None;
-        let sock = writer.get_ref();
         let head = http1::read_head(&mut reader, |started| {
-            if started {
-                // The head has begun: all of it must arrive by the deadline.
+            if started || first {
+                // All of the head by its deadline (the first request's from
+                // the accept, so a silent connection cannot sit on a slot).
                 let deadline = *head_deadline.get_or_insert_with(|| {
-                    Instant::now() + Duration::from_secs(HEADER_DEADLINE_SECS)
+                    let from = if first { accepted } else { Instant::now() };
+                    from + Duration::from_secs(HEADER_DEADLINE_SECS)
                 });
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     return Err(io::ErrorKind::TimedOut.into());
                 }
-                sock.set_read_timeout(Some(left))
-            } else if idle_over(shared, idle_since) {
-                Err(io::ErrorKind::TimedOut.into())
+                // Rounded up to whole seconds, so the cached value stays put.
+                timeout.set(Duration::from_secs(left.as_secs().max(1)))
             } else {
-                // Idle between requests: wake up now and then to look at the
-                // stop flag and the keep-alive limit.
-                sock.set_read_timeout(Some(Duration::from_millis(IDLE_POLL_MILLIS)))
+                timeout.set(Duration::from_secs(KEEPALIVE_IDLE_SECS))
             }
         });
         let head = match head {
             Ok(head) => head,
-            Err(HeadError::Idle) if !idle_over(shared, idle_since) => continue,
             Err(HeadError::Closed | HeadError::Idle | HeadError::Broken) => return,
             Err(e) => {
                 answer_bad_head(&mut writer, peer, shared, &e);
@@ -229,23 +308,28 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
                 return;
             }
         };
+        registered.idle.store(false, Ordering::SeqCst);
+        first = false;
         shared.busy.fetch_add(1, Ordering::SeqCst);
         let _busy = BusyGuard(&shared.busy);
-        match serve_request(head, &mut reader, &mut writer, &mut copy_buf, peer, shared) {
-            After::KeepAlive if !shared.stop.load(Ordering::SeqCst) => {}
-            After::KeepAlive | After::Close => return,
+        let after = serve_request(
+            head,
+            &mut reader,
+            &mut writer,
+            &mut timeout,
+            &mut copy_buf,
+            peer,
+            shared,
+        );
+        match after {
+            After::KeepAlive => {}
+            After::Close => return,
             After::LingerAndClose => {
                 linger_close(&mut reader);
                 return;
             }
         }
-        idle_since = Instant::now();
     }
-}
-
-fn idle_over(shared: &Shared, idle_since: Instant) -> bool {
-    shared.stop.load(Ordering::SeqCst)
-        || idle_since.elapsed() >= Duration::from_secs(KEEPALIVE_IDLE_SECS)
 }
 
 fn answer_bad_head(
@@ -320,34 +404,30 @@ fn serve_request(
     head: http1::RequestHead,
     reader: &mut BufReader<TcpStream>,
     writer: &mut BufWriter<TcpStream>,
+    timeout: &mut ReadTimeout<'_>,
     copy_buf: &mut Vec<u8>,
     peer: SocketAddr,
     shared: &Shared,
 ) -> After {
     let started = Instant::now();
-    let _ = writer
-        .get_ref()
-        .set_read_timeout(Some(Duration::from_secs(CLIENT_IO_TIMEOUT_SECS)));
-
     let wants_close = match head.version {
         HttpVersion::Http11 => http1::connection_has(&head.headers, "close"),
         // HTTP/1.0 connections are not kept alive.
         HttpVersion::Http10 => true,
     };
-    let framing = http1::request_framing(&head.headers);
-    let expects_continue = head.headers.iter().any(|(n, v)| {
-        n.eq_ignore_ascii_case("expect") && v.trim().eq_ignore_ascii_case("100-continue")
-    });
-    // RFC 9112 §6.1: with both Transfer-Encoding and Content-Length the
-    // connection is closed after the answer.
-    let ambiguous = head
+    let framing = http1::request_framing(head.version, &head.headers);
+    let expect: Vec<&str> = head
         .headers
         .iter()
-        .any(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"))
-        && head
-            .headers
-            .iter()
-            .any(|(n, _)| n.eq_ignore_ascii_case("content-length"));
+        .filter(|(n, _)| n.eq_ignore_ascii_case("expect"))
+        .map(|(_, v)| v.trim())
+        .collect();
+    // RFC 9110 §10.1.1: `100-continue` is the only expectation; HTTP/1.0
+    // requests' expectations are ignored.
+    let expects_continue = head.version == HttpVersion::Http11
+        && expect.len() == 1
+        && expect[0].eq_ignore_ascii_case("100-continue");
+    let unmet_expectation = head.version == HttpVersion::Http11 && !expect.is_empty() && !expects_continue;
 
     let incoming = IncomingRequest {
         method: head.method,
@@ -357,6 +437,9 @@ fn serve_request(
         peer: Some(peer),
         framing: framing.unwrap_or(crate::proxy::BodyFraming::None),
     };
+    if incoming.framing != crate::proxy::BodyFraming::None {
+        let _ = timeout.set(Duration::from_secs(CLIENT_IO_TIMEOUT_SECS));
+    }
 
     // `100 Continue` goes straight to the socket (nothing is buffered in
     // the writer between requests).
@@ -368,16 +451,16 @@ fn serve_request(
     } else {
         None
     };
-    let (outcome, body_complete, body_error) = {
+    let (mut outcome, body_complete, body_error) = {
         let mut body = http1::BodyReader::new(reader, incoming.framing, continue_sock.as_mut());
         let outcome = match framing {
-            Err(why) => crate::proxy::refuse(400, why, ""),
+            Err(bad) => crate::proxy::refuse(bad.status, bad.why, ""),
+            Ok(_) if unmet_expectation => crate::proxy::refuse(417, "unsupported Expect", ""),
             Ok(_) => shared.proxy.handle(&incoming, &mut body),
         };
         (outcome, body.is_complete(), body.error)
     };
 
-    let mut outcome = outcome;
     // The client's body failed while we forwarded it: the backend's view
     // of the request is incomplete, whatever it answered.
     if let Some(kind) = body_error {
@@ -390,7 +473,14 @@ fn serve_request(
         outcome = crate::proxy::refuse(status, "request body incomplete", &outcome.host);
         outcome.upstream = upstream;
     }
-    let keep_alive = !wants_close && !ambiguous && body_complete && body_error.is_none();
+    // Keep the connection only when its framing is beyond doubt: a refused
+    // framing leaves the body's bytes unread, and reading them as the next
+    // request is exactly request smuggling.
+    let keep_alive = !wants_close
+        && framing.is_ok()
+        && body_complete
+        && body_error.is_none()
+        && !shared.stop.load(Ordering::SeqCst);
     let ProxyResponse {
         status,
         headers,
