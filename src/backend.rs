@@ -10,7 +10,7 @@ use std::fmt;
 use std::io::{self, Read};
 use std::time::Duration;
 
-use crate::proxy::BodyFraming;
+use crate::proxy::{BodyFraming, field_from_bytes, field_to_bytes};
 
 #[derive(Debug)]
 pub struct BackendRequest<'a> {
@@ -115,10 +115,10 @@ impl BackendClient {
         req: &BackendRequest<'_>,
         body: &mut dyn Read,
     ) -> Result<BackendResponse, BackendError> {
-        let uri = format!("http://{}{}", req.authority, req.path_and_query);
+        let uri = format!("http://{}{}", req.authority, uri_safe(req.path_and_query));
         let mut builder = ureq::http::Request::builder().method(req.method).uri(uri);
         for (name, value) in req.headers {
-            builder = builder.header(name.as_str(), value.as_str());
+            builder = builder.header(name.as_str(), &*field_to_bytes(value));
         }
         let result = match req.framing {
             BodyFraming::None => builder
@@ -148,12 +148,7 @@ impl BackendClient {
         let headers = parts
             .headers
             .iter()
-            .map(|(n, v)| {
-                (
-                    n.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
+            .map(|(n, v)| (n.as_str().to_string(), field_from_bytes(v.as_bytes())))
             .collect();
         let mut lengths = parts.headers.get_all("content-length").iter();
         let length = match (lengths.next(), lengths.next()) {
@@ -167,6 +162,27 @@ impl BackendClient {
             body: Box::new(body.into_reader()),
         })
     }
+}
+
+/// The request target as the `http` crate's URI parser will take it.
+/// Clients send bytes RFC 3986 does not allow raw (`{`, `|`, `"`, a
+/// backtick, non-ASCII...) and servers accept them; the `http` crate does
+/// not, so those bytes are percent-encoded, which servers decode to the
+/// same thing. Everything else, existing escapes included, is kept as sent.
+fn uri_safe(target: &str) -> std::borrow::Cow<'_, str> {
+    let keep = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b);
+    if target.bytes().all(keep) {
+        return std::borrow::Cow::Borrowed(target);
+    }
+    let mut out = String::with_capacity(target.len() + 16);
+    for b in target.bytes() {
+        if keep(b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn classify(e: ureq::Error) -> BackendError {
@@ -209,5 +225,23 @@ fn classify(e: ureq::Error) -> BackendError {
         }
         Error::BadUri(_) | Error::Http(_) => BackendError::BadRequest { detail },
         _ => BackendError::Failed { detail },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_target_httparse_accepts_becomes_a_valid_uri() {
+        let mut target = String::from("/a");
+        for b in 0x21u8..0x7f {
+            target.push(char::from(b));
+        }
+        target.push('é');
+        let uri = format!("http://h:1{}", uri_safe(&target));
+        assert!(uri.parse::<ureq::http::Uri>().is_ok(), "{uri}");
+        assert_eq!(uri_safe("/plain/path?q=1&x=%20"), "/plain/path?q=1&x=%20");
+        assert_eq!(uri_safe("/a|b?x={1}"), "/a%7Cb?x=%7B1%7D");
     }
 }

@@ -10,7 +10,7 @@
 
 use std::io::{self, BufRead, Read, Write};
 
-use crate::proxy::{BodyFraming, HttpVersion};
+use crate::proxy::{BodyFraming, HttpVersion, field_from_bytes, field_to_bytes};
 
 /// Request line plus headers.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -162,12 +162,7 @@ fn parse_head(head: &[u8]) -> Result<RequestHead, HeadError> {
     let headers = req
         .headers
         .iter()
-        .map(|h| {
-            (
-                h.name.to_string(),
-                String::from_utf8_lossy(h.value).into_owned(),
-            )
-        })
+        .map(|h| (h.name.to_string(), field_from_bytes(h.value)))
         .collect();
     Ok(RequestHead {
         method: req.method.unwrap_or_default().to_string(),
@@ -220,14 +215,20 @@ pub fn request_framing(
             return Err(bad_framing(400, "Transfer-Encoding in an HTTP/1.0 request"));
         }
         if has_length {
-            return Err(bad_framing(400, "both Transfer-Encoding and Content-Length"));
+            return Err(bad_framing(
+                400,
+                "both Transfer-Encoding and Content-Length",
+            ));
         }
         // Only plain chunked: other codings would reach the backend
         // decoded of their chunking but still encoded, with nothing saying so.
         let mut codings = te.iter().flat_map(|v| v.split(',')).map(str::trim);
         return match (codings.next(), codings.next()) {
             (Some(c), None) if c.eq_ignore_ascii_case("chunked") => Ok(BodyFraming::Chunked),
-            _ => Err(bad_framing(501, "only Transfer-Encoding: chunked is supported")),
+            _ => Err(bad_framing(
+                501,
+                "only Transfer-Encoding: chunked is supported",
+            )),
         };
     }
     let mut length: Option<u64> = None;
@@ -487,41 +488,41 @@ pub fn write_response<W: Write>(
     let close_delimited = !no_body && resp.length.is_none() && !chunked;
     let keep_alive = resp.keep_alive && !close_delimited;
 
-    let mut head = String::with_capacity(256);
-    head.push_str("HTTP/1.1 ");
-    head.push_str(&resp.status.to_string());
-    head.push(' ');
-    head.push_str(reason(resp.status));
-    head.push_str("\r\n");
+    let mut head: Vec<u8> = Vec::with_capacity(256);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(resp.status.to_string().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(reason(resp.status).as_bytes());
+    head.extend_from_slice(b"\r\n");
     for (name, value) in resp.headers {
-        head.push_str(name);
-        head.push_str(": ");
-        head.push_str(value);
-        head.push_str("\r\n");
+        head.extend_from_slice(name.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(&field_to_bytes(value));
+        head.extend_from_slice(b"\r\n");
     }
     if let Some(n) = resp.length {
         // RFC 9110 §8.6: never on 1xx/204; a 304 or HEAD may carry the
         // length of the body it stands for.
         if !matches!(resp.status, 100..=199 | 204) {
-            head.push_str("Content-Length: ");
-            head.push_str(&n.to_string());
-            head.push_str("\r\n");
+            head.extend_from_slice(b"Content-Length: ");
+            head.extend_from_slice(n.to_string().as_bytes());
+            head.extend_from_slice(b"\r\n");
         }
     }
     if chunked {
-        head.push_str("Transfer-Encoding: chunked\r\n");
+        head.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
     }
     if !keep_alive {
-        head.push_str("Connection: close\r\n");
+        head.extend_from_slice(b"Connection: close\r\n");
     }
-    head.push_str("\r\n");
+    head.extend_from_slice(b"\r\n");
 
     let fail = |bytes, e: String| Written {
         body_bytes: bytes,
         reusable: false,
         error: Some(e),
     };
-    if let Err(e) = out.write_all(head.as_bytes()) {
+    if let Err(e) = out.write_all(&head) {
         return fail(0, format!("writing the response head: {e}"));
     }
     let mut sent = 0u64;
@@ -719,7 +720,10 @@ mod tests {
             f(&[("Content-Length", "12"), ("content-length", "12")]),
             Ok(BodyFraming::Sized(12))
         );
-        assert_eq!(f(&[("Transfer-Encoding", "Chunked")]), Ok(BodyFraming::Chunked));
+        assert_eq!(
+            f(&[("Transfer-Encoding", "Chunked")]),
+            Ok(BodyFraming::Chunked)
+        );
         for bad in [
             &[("Content-Length", "12"), ("Content-Length", "13")][..],
             &[("Content-Length", "12, 12")][..],
@@ -735,10 +739,17 @@ mod tests {
         for unsupported in [
             &[("Transfer-Encoding", "gzip")][..],
             &[("Transfer-Encoding", "gzip, chunked")][..],
-            &[("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")][..],
+            &[
+                ("Transfer-Encoding", "chunked"),
+                ("Transfer-Encoding", "chunked"),
+            ][..],
             &[("Transfer-Encoding", "chunked, gzip")][..],
         ] {
-            assert_eq!(f(unsupported).map_err(|e| e.status), Err(501), "{unsupported:?}");
+            assert_eq!(
+                f(unsupported).map_err(|e| e.status),
+                Err(501),
+                "{unsupported:?}"
+            );
         }
         let old = request_framing(HttpVersion::Http10, &h(&[("Transfer-Encoding", "chunked")]));
         assert_eq!(old.map_err(|e| e.status), Err(400));

@@ -26,6 +26,27 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// Header values travel through the router as Latin-1 strings: each byte
+/// of the value is one `char` (U+0000–U+00FF). RFC 9110 §5.5 allows bytes
+/// above 0x7F (obs-text) that need not be UTF-8, and a proxy must pass them
+/// unchanged; decoding them as UTF-8 would rewrite them.
+pub fn field_from_bytes(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) if s.is_ascii() => s.to_string(),
+        _ => bytes.iter().map(|&b| char::from(b)).collect(),
+    }
+}
+
+/// The bytes a value made by [`field_from_bytes`] stands for. (A value with
+/// characters past U+00FF can only be the router's own, and goes as UTF-8.)
+pub fn field_to_bytes(value: &str) -> std::borrow::Cow<'_, [u8]> {
+    if value.is_ascii() || value.chars().any(|c| u32::from(c) > 0xFF) {
+        std::borrow::Cow::Borrowed(value.as_bytes())
+    } else {
+        std::borrow::Cow::Owned(value.chars().map(|c| c as u8).collect())
+    }
+}
+
 /// How a request body is framed, on either side of the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFraming {
@@ -392,6 +413,15 @@ mod tests {
         assert_eq!(get("x-forwarded-host"), ["A.com:8080"]);
         assert_eq!(get("host"), ["A.com:8080"]);
         assert_eq!(get("user-agent"), ["test/1"]);
+    }
+
+    #[test]
+    fn header_bytes_survive_the_round_trip() {
+        for bytes in [&b"plain"[..], b"caf\xe9", b"\xc3\xa9t\xc3\xa9", b"\x80\xff"] {
+            let field = field_from_bytes(bytes);
+            assert_eq!(&*field_to_bytes(&field), bytes);
+        }
+        assert_eq!(&*field_to_bytes("ascii"), b"ascii");
     }
 
     #[test]

@@ -85,7 +85,11 @@ impl<'a> Registered<'a> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        let mut reg = self.shared.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let mut reg = self
+            .shared
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         reg.conns.remove(&self.id);
     }
 }
@@ -152,7 +156,11 @@ impl Server {
         // Connections waiting for a next request are closed now; the others
         // close after their current answer (which says so).
         {
-            let reg = self.shared.registry.lock().unwrap_or_else(|e| e.into_inner());
+            let reg = self
+                .shared
+                .registry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             for (stream, idle) in reg.conns.values() {
                 if idle.load(Ordering::SeqCst) {
                     let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -427,7 +435,8 @@ fn serve_request(
     let expects_continue = head.version == HttpVersion::Http11
         && expect.len() == 1
         && expect[0].eq_ignore_ascii_case("100-continue");
-    let unmet_expectation = head.version == HttpVersion::Http11 && !expect.is_empty() && !expects_continue;
+    let unmet_expectation =
+        head.version == HttpVersion::Http11 && !expect.is_empty() && !expects_continue;
 
     let incoming = IncomingRequest {
         method: head.method,

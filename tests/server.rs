@@ -291,3 +291,101 @@ fn big_uploads_with_unknown_length_stream_too() {
     assert_eq!(b.last_seen().body_len, SIZE);
     assert!(peak_rss_kib(router.pid()) < base + 64 * 1024);
 }
+
+#[test]
+fn a_refused_framing_closes_the_connection_so_its_body_is_never_a_request() {
+    let (_etcd, b, router) = setup();
+    let smuggled = format!("GET /smuggled HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+    let attack = format!(
+        "POST / HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {n}, {n}\r\n\r\n{smuggled}",
+        n = smuggled.len()
+    );
+    let out = raw_exchange(&router.addr(), attack.as_bytes(), T);
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("Connection: close"), "{out}");
+    assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "{out}");
+    let te = format!(
+        "POST / HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n{smuggled}"
+    );
+    let out = raw_exchange(&router.addr(), te.as_bytes(), T);
+    assert!(out.starts_with("HTTP/1.1 501"), "{out}");
+    assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "{out}");
+    let expect = format!("GET / HTTP/1.1\r\nHost: {HOST}\r\nExpect: teapot\r\n\r\n");
+    assert!(raw_exchange(&router.addr(), expect.as_bytes(), T).starts_with("HTTP/1.1 417"));
+    assert!(b.seen.lock().unwrap().iter().all(|s| s.url != "/smuggled"));
+    still_serving(&router);
+}
+
+#[test]
+fn streamed_answers_are_passed_on_as_they_come() {
+    let etcd = Etcd::start();
+    let drip = RawBackend::start_parts(&[
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst\n\r\n",
+        b"7\r\nsecond\n\r\n0\r\n\r\n",
+    ]);
+    etcd.put(&format!("{D}/drip.example.com/r"), &drip.url());
+    let router = Router::start(&etcd.url(), &[]);
+    router.wait_event("route.add", |_| true);
+    let mut s = TcpStream::connect(router.addr()).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: drip.example.com\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    // The first part arrives while the backend still holds the rest: the
+    // router does not wait for a buffer to fill or for the end.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains("first") {
+        let n = s
+            .read(&mut buf)
+            .expect("the first part before the backend finished");
+        assert!(
+            n > 0,
+            "connection closed early: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    drip.release
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    s.read_to_end(&mut got).unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.contains("second") && text.ends_with("0\r\n\r\n"),
+        "{text}"
+    );
+}
+
+#[test]
+fn targets_the_uri_grammar_forbids_are_still_forwarded() {
+    let (_etcd, b, router) = setup();
+    let out = raw_exchange(
+        &router.addr(),
+        format!(
+            "GET /a|b?x={{1}}&y=\"q\"&z=`<>` HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+        T,
+    );
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(
+        b.last_seen().url,
+        "/a%7Cb?x=%7B1%7D&y=%22q%22&z=%60%3C%3E%60"
+    );
+}
+
+#[test]
+fn a_silent_connection_is_closed_after_the_header_deadline() {
+    let (_etcd, _b, router) = setup();
+    let mut s = TcpStream::connect(router.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("unexpected bytes: {:?}", &buf[..n]),
+        Err(e) => panic!("not closed: {e}"),
+    }
+    still_serving(&router);
+}

@@ -42,6 +42,8 @@ fn a_signal_stops_accepting_and_lets_the_request_in_flight_finish() {
     let reply = in_flight.join().expect("client thread");
     assert_eq!(reply.status, 200);
     assert_eq!(reply.text(), "slowpoke");
+    // The answer said the connection would not be reused.
+    assert_eq!(reply.header("connection").as_deref(), Some("close"));
     // The log was flushed: the request and the stop are both in it.
     let events = router.events();
     assert!(

@@ -49,12 +49,23 @@ impl Drop for TempDir {
     }
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago. Ports are handed out once
+/// per test process, from below the kernel's ephemeral range (which starts
+/// at 32768): asking the kernel for port 0 can give two parallel tests the
+/// same port, and an ephemeral port can be taken by an outgoing connection
+/// before the server that was to use it binds it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: std::sync::OnceLock<AtomicUsize> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| AtomicUsize::new((std::process::id() % SPAN) as usize));
+    for _ in 0..SPAN {
+        let port = (LOW + (next.fetch_add(1, Ordering::SeqCst) as u32 % SPAN)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {LOW} and {}", LOW + SPAN);
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` after `SETTLE`.
@@ -174,6 +185,15 @@ impl Etcd {
                 .ok()
                 .map(|_| ())
         });
+        // The answer must have come from this etcd, not from one that
+        // already held the port.
+        if let Some(c) = self.child.as_mut() {
+            assert!(
+                matches!(c.try_wait(), Ok(None)),
+                "etcd exited at start: see {}",
+                self.dir.path().join("etcd.log").display()
+            );
+        }
     }
 
     /// SIGTERM and wait.
@@ -495,7 +515,7 @@ impl Router {
                 }
             }
         });
-        let router = Router {
+        let mut router = Router {
             child: Some(child),
             port,
             lines,
@@ -504,6 +524,12 @@ impl Router {
         eventually("the router to listen", || {
             TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
         });
+        if let Some(c) = router.child.as_mut() {
+            assert!(
+                matches!(c.try_wait(), Ok(None)),
+                "the router exited at start"
+            );
+        }
         router
     }
 
@@ -812,15 +838,24 @@ impl Drop for Forwarder {
 pub struct RawBackend {
     pub addr: SocketAddr,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// With several parts: each part after the first waits for this.
+    pub release: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RawBackend {
     pub fn start(answer: &'static [u8]) -> RawBackend {
+        RawBackend::start_parts(&[answer])
+    }
+
+    /// Answers with `parts[0]`, then each next part once `release` is set.
+    pub fn start_parts(parts: &[&'static [u8]]) -> RawBackend {
+        let parts: Vec<&'static [u8]> = parts.to_vec();
         let listener = TcpListener::bind("127.0.0.1:0").expect("raw backend bind");
         let addr = listener.local_addr().unwrap();
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let s = Arc::clone(&stop);
+        let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, r) = (Arc::clone(&stop), Arc::clone(&release));
         std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
                 let Ok((mut conn, _)) = listener.accept() else {
@@ -838,10 +873,19 @@ impl RawBackend {
                         _ => break,
                     }
                 }
-                let _ = conn.write_all(answer);
+                for (i, part) in parts.iter().enumerate() {
+                    while i > 0 && !r.load(Ordering::SeqCst) && !s.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    let _ = conn.write_all(part);
+                }
             }
         });
-        RawBackend { addr, stop }
+        RawBackend {
+            addr,
+            stop,
+            release,
+        }
     }
 
     pub fn url(&self) -> String {
