@@ -179,6 +179,50 @@ fn changes_made_while_cut_off_arrive_after_reconnecting() {
     assert!(router.events_named("etcd.resync").is_empty());
 }
 
+/// A member that accepts connections but never answers (frozen, or cut off
+/// from its cluster) holds the watch silent; after the watch idle timeout
+/// (60 s) the router moves to the next endpoint and catches up. Slow by
+/// nature: about a minute.
+#[test]
+fn a_silent_watch_is_abandoned_for_the_next_endpoint() {
+    let etcd = Etcd::start();
+    let (b1, b2) = (Backend::start("before"), Backend::start("after"));
+    etcd.put(&format!("{D}/quiet.example.com/1"), &b1.url());
+    let frozen = Forwarder::start(format!("127.0.0.1:{}", etcd.client_port).parse().unwrap());
+    let router = Router::start(&format!("{},{}", frozen.url(), etcd.url()), &[]);
+    router.wait_backends("quiet.example.com", &["before"]);
+    let listen = router.wait_event("etcd.listen", |_| true);
+    assert_eq!(listen["endpoint"], frozen.url());
+    frozen
+        .frozen
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    etcd.put(&format!("{D}/quiet.example.com/1"), &b2.url());
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if router.get("quiet.example.com", "/").backend.as_deref() == Some("after") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn a_missing_directory_is_an_empty_table_and_is_watched() {
+    let etcd = Etcd::start();
+    let b = Backend::start("new");
+    let router = Router::start(&etcd.url(), &[]);
+    let listen = router.wait_event("etcd.listen", |_| true);
+    assert_eq!(listen["routes"], 0);
+    assert_eq!(router.get("new.example.com", "/").status, 503);
+    etcd.put(&format!("{D}/new.example.com/r"), &b.url());
+    router.wait_backends("new.example.com", &["new"]);
+    assert!(router.events_named("etcd.error").is_empty());
+}
+
 #[test]
 fn etcd_started_after_the_router() {
     let mut etcd = Etcd::planned();

@@ -743,6 +743,9 @@ pub struct Forwarder {
     pub port: u16,
     /// Connections accepted so far.
     pub accepted: Arc<AtomicUsize>,
+    /// While set, bytes are read but not passed on, in both directions: a
+    /// frozen server that still accepts connections.
+    pub frozen: Arc<std::sync::atomic::AtomicBool>,
     open: Arc<std::sync::atomic::AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -757,11 +760,13 @@ impl Forwarder {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
         let accepted = Arc::new(AtomicUsize::new(0));
-        let (o, s, c, a) = (
+        let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (o, s, c, a, f) = (
             Arc::clone(&open),
             Arc::clone(&stop),
             Arc::clone(&conns),
             Arc::clone(&accepted),
+            Arc::clone(&frozen),
         );
         std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
@@ -791,8 +796,21 @@ impl Forwarder {
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),
                 ] {
+                    let frozen = Arc::clone(&f);
                     std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            while frozen.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
                         let _ = to.shutdown(std::net::Shutdown::Both);
                     });
                 }
@@ -801,6 +819,7 @@ impl Forwarder {
         Forwarder {
             port,
             accepted,
+            frozen,
             open,
             conns,
             stop,
