@@ -10,7 +10,7 @@
 
 use std::io::{self, BufRead, Read, Write};
 
-use crate::proxy::{BodyFraming, HttpVersion, field_from_bytes, field_to_bytes};
+use crate::proxy::{BodyFraming, HttpVersion, field_from_bytes, field_to_bytes, header_values};
 
 /// Request line plus headers.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -170,23 +170,6 @@ fn parse_head(head: &[u8]) -> Result<RequestHead, HeadError> {
         version,
         headers,
     })
-}
-
-fn header_values<'a>(
-    headers: &'a [(String, String)],
-    name: &'a str,
-) -> impl Iterator<Item = &'a str> + 'a {
-    headers
-        .iter()
-        .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
-}
-
-/// True when `Connection` lists `token`.
-pub fn connection_has(headers: &[(String, String)], token: &str) -> bool {
-    header_values(headers, "connection")
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// Why a request's framing is refused, with the status to answer.

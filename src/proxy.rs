@@ -76,20 +76,28 @@ pub struct IncomingRequest {
     pub framing: BodyFraming,
 }
 
-impl IncomingRequest {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
+/// Every value of header `name` (names compare case-insensitively).
+pub fn header_values<'a>(
+    headers: &'a [(String, String)],
+    name: &'a str,
+) -> impl Iterator<Item = &'a str> + 'a {
+    headers
+        .iter()
+        .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
 
-    fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.headers
-            .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
+/// The first value of header `name`.
+pub fn header<'a>(headers: &'a [(String, String)], name: &'a str) -> Option<&'a str> {
+    header_values(headers, name).next()
+}
+
+/// The tokens listed in `Connection` headers.
+pub fn connection_tokens(headers: &[(String, String)]) -> impl Iterator<Item = &str> {
+    header_values(headers, "connection")
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
 }
 
 /// The answer to send to the client.
@@ -122,9 +130,15 @@ impl Proxy {
     pub fn handle(&self, req: &IncomingRequest, body: &mut dyn Read) -> Outcome {
         let target = match RequestTarget::parse(&req.target) {
             Some(t) => t,
-            None => return refuse(400, "bad request target", req.header("host").unwrap_or("")),
+            None => {
+                return refuse(
+                    400,
+                    "bad request target",
+                    header(&req.headers, "host").unwrap_or(""),
+                );
+            }
         };
-        let host_values: Vec<&str> = req.header_values("host").collect();
+        let host_values: Vec<&str> = header_values(&req.headers, "host").collect();
         // RFC 9112 §3.2: more than one Host, or none in HTTP/1.1, is a 400.
         if host_values.len() > 1 {
             return refuse(400, "more than one Host header", host_values[0]);
@@ -225,26 +239,17 @@ impl<'a> RequestTarget<'a> {
 }
 
 /// True for headers that must not cross the proxy in either direction.
-fn is_hop_by_hop(name: &str, connection_tokens: &[String]) -> bool {
+fn is_hop_by_hop(name: &str, connection_tokens: &[&str]) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
         || connection_tokens
             .iter()
             .any(|t| name.eq_ignore_ascii_case(t))
 }
 
-fn connection_tokens<'a>(headers: impl Iterator<Item = &'a (String, String)>) -> Vec<String> {
-    headers
-        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
-        .flat_map(|(_, v)| v.split(','))
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
-        .collect()
-}
-
 /// The headers sent to the backend: the client's end-to-end headers, its
 /// `Host` (as the original tool did), and the forwarding headers.
 fn forward_headers(req: &IncomingRequest, raw_host: &str) -> Vec<(String, String)> {
-    let tokens = connection_tokens(req.headers.iter());
+    let tokens: Vec<&str> = connection_tokens(&req.headers).collect();
     let mut out = Vec::with_capacity(req.headers.len() + 3);
     let mut forwarded_for: Vec<&str> = Vec::new();
     for (name, value) in &req.headers {
@@ -288,12 +293,14 @@ fn forward_headers(req: &IncomingRequest, raw_host: &str) -> Vec<(String, String
 
 /// The backend's headers minus hop-by-hop and framing headers (the server
 /// front frames the body itself).
-fn response_headers(headers: Vec<(String, String)>) -> Vec<(String, String)> {
-    let tokens = connection_tokens(headers.iter());
+fn response_headers(mut headers: Vec<(String, String)>) -> Vec<(String, String)> {
+    // Owned, as `retain` borrows the list mutably; allocates nothing when
+    // there is no `Connection` header.
+    let owned: Vec<String> = connection_tokens(&headers).map(String::from).collect();
+    let tokens: Vec<&str> = owned.iter().map(String::as_str).collect();
     headers
-        .into_iter()
-        .filter(|(n, _)| !is_hop_by_hop(n, &tokens) && !n.eq_ignore_ascii_case("content-length"))
-        .collect()
+        .retain(|(n, _)| !is_hop_by_hop(n, &tokens) && !n.eq_ignore_ascii_case("content-length"));
+    headers
 }
 
 fn backend_failure(host: String, upstream: String, e: BackendError) -> Outcome {

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use crate::http1::{self, HeadError, ResponseHead};
 use crate::log::{Logger, RequestRecord};
-use crate::proxy::{HttpVersion, IncomingRequest, Proxy, ProxyResponse};
+use crate::proxy::{
+    HttpVersion, IncomingRequest, Proxy, ProxyResponse, connection_tokens, header, header_values,
+};
 
 /// Connection threads do little on the stack; the buffers live on the heap.
 const CONNECTION_STACK_BYTES: usize = 256 * 1024;
@@ -419,16 +421,15 @@ fn serve_request(
 ) -> After {
     let started = Instant::now();
     let wants_close = match head.version {
-        HttpVersion::Http11 => http1::connection_has(&head.headers, "close"),
+        HttpVersion::Http11 => {
+            connection_tokens(&head.headers).any(|t| t.eq_ignore_ascii_case("close"))
+        }
         // HTTP/1.0 connections are not kept alive.
         HttpVersion::Http10 => true,
     };
     let framing = http1::request_framing(head.version, &head.headers);
-    let expect: Vec<&str> = head
-        .headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("expect"))
-        .map(|(_, v)| v.trim())
+    let expect: Vec<&str> = header_values(&head.headers, "expect")
+        .map(str::trim)
         .collect();
     // RFC 9110 §10.1.1: `100-continue` is the only expectation; HTTP/1.0
     // requests' expectations are ignored.
@@ -511,11 +512,7 @@ fn serve_request(
     );
 
     let error = outcome.error.or(written.error);
-    let user_agent = incoming
-        .headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case("user-agent"))
-        .map(|(_, v)| v.clone());
+    let user_agent = header(&incoming.headers, "user-agent").map(str::to_string);
     shared.log.request(RequestRecord {
         host: outcome.host,
         method: incoming.method,
