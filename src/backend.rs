@@ -78,7 +78,15 @@ const POOL_IDLE_MAX_TOTAL: usize = 1024;
 impl BackendClient {
     /// Up to `pool_size` idle keep-alive connections are kept per backend
     /// (one per client connection the router serves at once, capped).
-    pub fn new(connect_timeout: Duration, response_timeout: Duration, pool_size: usize) -> Self {
+    /// `response_timeout` bounds the wait for the response head as a whole;
+    /// `body_timeout` every single read and write (the longest silence),
+    /// the head's reads included.
+    pub fn new(
+        connect_timeout: Duration,
+        response_timeout: Duration,
+        body_timeout: Duration,
+        pool_size: usize,
+    ) -> Self {
         let agent = ureq::Agent::config_builder()
             // A proxy from the environment (http_proxy) must not capture
             // backend traffic.
@@ -92,9 +100,8 @@ impl BackendClient {
             .allow_non_standard_methods(true)
             .timeout_connect(Some(connect_timeout))
             .timeout_recv_response(Some(response_timeout))
-            // Per read and write: the longest pause inside a body.
-            .timeout_per_read(Some(response_timeout))
-            .timeout_per_write(Some(response_timeout))
+            .timeout_per_read(Some(body_timeout))
+            .timeout_per_write(Some(body_timeout))
             .max_idle_connections(POOL_IDLE_MAX_TOTAL)
             .max_idle_connections_per_host(pool_size.clamp(1, POOL_IDLE_MAX_PER_BACKEND))
             // ureq's 128 KiB default buffers, times every pooled connection,

@@ -11,18 +11,27 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::cidr::Cidr;
+use crate::health::EjectPolicy;
 use crate::httpurl::HttpUrl;
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ETCD_URLS: &str = "http://127.0.0.1:2379,http://127.0.0.1:4001";
 pub const DEFAULT_ETCD_KEY: &str = "/domains";
-/// Connections served at once, each on its own thread (an idle keep-alive
-/// connection costs its thread and about 40 KiB); more wait in the listen
-/// backlog.
-pub const DEFAULT_WORKERS: usize = 1024;
+/// Open client connections, each served by its own thread (an idle one
+/// costs about 40 KiB); at the cap a new connection takes the place of an
+/// idle keep-alive one, or waits in the listen backlog.
+pub const DEFAULT_WORKERS: usize = 4096;
 pub const MAX_WORKERS: usize = 65_536;
 pub const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 3;
 pub const DEFAULT_RESPONSE_TIMEOUT_SECS: u64 = 60;
+pub const DEFAULT_BODY_TIMEOUT_SECS: u64 = 60;
+pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 10;
+pub const DEFAULT_KEEPALIVE_TIMEOUT_SECS: u64 = 15;
+pub const DEFAULT_CLIENT_TIMEOUT_SECS: u64 = 60;
+pub const DEFAULT_TUNNEL_TIMEOUT_SECS: u64 = 600;
+pub const DEFAULT_EJECT_AFTER: u32 = 3;
+pub const DEFAULT_EJECT_FOR_SECS: u64 = 10;
 
 pub const USAGE: &str = "\
 httprouter: host-based HTTP reverse proxy with routes discovered from etcd
@@ -36,12 +45,38 @@ Flags (single dash works too: -etcdurl URL; so does --flag=value):
   --etcdkey KEY             etcd directory holding <domain>/<route-name> = backend URL (default /domains)
   --logfile PATH            append JSON log lines to PATH (created 0600) instead of stdout
   --logurl URL              POST batches of JSON log lines to URL instead of stdout
-  --workers N               connections served at once, a thread each (default 1024)
-  --connect-timeout SECS    backend connect timeout (default 3)
-  --response-timeout SECS   backend response timeout, and longest pause inside a body (default 60)
+  --workers N               open client connections at most, a thread each (default 4096)
+  --trusted-proxies CIDR[,CIDR...]
+                            peers whose X-Forwarded-For/-Proto/-Host are kept (default: none)
+
+Backend timeouts (seconds; a timeout answers 504, or closes a started answer):
+  --connect-timeout SECS    to connect (default 3)
+  --response-timeout SECS   from sending the request to the response head (default 60)
+  --body-timeout SECS       longest pause inside a body, either way (default 60)
+Client timeouts (seconds):
+  --header-timeout SECS     to receive a request head, from its first byte (default 10; 408)
+  --keepalive-timeout SECS  idle time between requests before closing (default 15)
+  --client-timeout SECS     longest pause reading a body from or writing to a client (default 60)
+  --tunnel-timeout SECS     idle time of an upgraded connection (WebSocket) before closing (default 600)
+Passive health:
+  --eject-after N           failures in a row that take a backend out of rotation (default 3)
+  --eject-for SECS          how long before it is tried again (default 10)
+
   --help                    print this help
   --version                 print the version
 ";
+
+/// How long to wait for what, already validated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub response: Duration,
+    pub body: Duration,
+    pub header: Duration,
+    pub keepalive: Duration,
+    pub client: Duration,
+    pub tunnel: Duration,
+}
 
 /// Everything the process needs to start, already validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,11 +88,14 @@ pub struct Config {
     pub log_file: Option<PathBuf>,
     pub log_url: Option<String>,
     pub workers: usize,
-    pub connect_timeout: Duration,
-    pub response_timeout: Duration,
+    pub timeouts: Timeouts,
+    pub eject: EjectPolicy,
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 /// What the command line asked for.
+// Made once per process: the size of `Run` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq)]
 pub enum Command {
     Run(Config),
@@ -86,6 +124,14 @@ const FLAGS: &[&str] = &[
     "workers",
     "connect-timeout",
     "response-timeout",
+    "body-timeout",
+    "header-timeout",
+    "keepalive-timeout",
+    "client-timeout",
+    "tunnel-timeout",
+    "eject-after",
+    "eject-for",
+    "trusted-proxies",
 ];
 
 /// Go's flag package accepts `-name` as well as `--name`; pico-args only
@@ -120,8 +166,21 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Command, UsageError> {
     let log_file = string_flag(&mut args, "--logfile")?;
     let log_url = string_flag(&mut args, "--logurl")?;
     let workers = string_flag(&mut args, "--workers")?;
-    let connect_timeout = string_flag(&mut args, "--connect-timeout")?;
-    let response_timeout = string_flag(&mut args, "--response-timeout")?;
+    let mut secs = |flag: &'static str, default: u64| -> Result<Duration, UsageError> {
+        parse_secs(flag, string_flag(&mut args, flag)?, default)
+    };
+    let timeouts = Timeouts {
+        connect: secs("--connect-timeout", DEFAULT_CONNECT_TIMEOUT_SECS)?,
+        response: secs("--response-timeout", DEFAULT_RESPONSE_TIMEOUT_SECS)?,
+        body: secs("--body-timeout", DEFAULT_BODY_TIMEOUT_SECS)?,
+        header: secs("--header-timeout", DEFAULT_HEADER_TIMEOUT_SECS)?,
+        keepalive: secs("--keepalive-timeout", DEFAULT_KEEPALIVE_TIMEOUT_SECS)?,
+        client: secs("--client-timeout", DEFAULT_CLIENT_TIMEOUT_SECS)?,
+        tunnel: secs("--tunnel-timeout", DEFAULT_TUNNEL_TIMEOUT_SECS)?,
+    };
+    let eject_for = secs("--eject-for", DEFAULT_EJECT_FOR_SECS)?;
+    let eject_after = string_flag(&mut args, "--eject-after")?;
+    let trusted_proxies = string_flag(&mut args, "--trusted-proxies")?;
 
     let rest = args.finish();
     if let Some(first) = rest.first() {
@@ -162,16 +221,30 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Command, UsageError> {
                 }
             },
         },
-        connect_timeout: parse_secs(
-            "--connect-timeout",
-            connect_timeout,
-            DEFAULT_CONNECT_TIMEOUT_SECS,
-        )?,
-        response_timeout: parse_secs(
-            "--response-timeout",
-            response_timeout,
-            DEFAULT_RESPONSE_TIMEOUT_SECS,
-        )?,
+        timeouts,
+        eject: EjectPolicy {
+            after: match eject_after {
+                None => DEFAULT_EJECT_AFTER,
+                Some(v) => match v.parse::<u32>() {
+                    Ok(n) if (1..=1000).contains(&n) => n,
+                    _ => {
+                        return Err(UsageError(format!(
+                            "--eject-after '{v}': expected a whole number from 1 to 1000"
+                        )));
+                    }
+                },
+            },
+            duration_ms: u64::try_from(eject_for.as_millis()).unwrap_or(u64::MAX),
+        },
+        trusted_proxies: match trusted_proxies {
+            None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .filter(|p| !p.trim().is_empty())
+                .map(Cidr::parse)
+                .collect::<Result<_, _>>()
+                .map_err(|e| UsageError(format!("--trusted-proxies: {e}")))?,
+        },
     };
     Ok(Command::Run(config))
 }
@@ -329,6 +402,9 @@ mod tests {
             (&["--logurl", "ftp://x"], "--logurl"),
             (&["--listen"], "--listen"),
             (&["--connect-timeout", "-1"], "--connect-timeout"),
+            (&["--tunnel-timeout", "0"], "--tunnel-timeout"),
+            (&["--eject-after", "0"], "--eject-after"),
+            (&["--trusted-proxies", "10.0.0.0/33"], "--trusted-proxies"),
             (&["--logfile", "a", "--logurl", "http://x"], "--logfile"),
         ];
         for (args, flag) in cases {
@@ -337,6 +413,25 @@ mod tests {
                 other => panic!("{args:?}: expected an error, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn timeouts_health_and_trust() {
+        let c = config(&[
+            "--body-timeout",
+            "0.5",
+            "--eject-after=5",
+            "--eject-for",
+            "2",
+            "--trusted-proxies",
+            "10.0.0.0/8, ::1",
+        ]);
+        assert_eq!(c.timeouts.body, Duration::from_millis(500));
+        assert_eq!(c.timeouts.header, Duration::from_secs(10));
+        assert_eq!(c.eject.after, 5);
+        assert_eq!(c.eject.duration_ms, 2000);
+        assert_eq!(c.trusted_proxies.len(), 2);
+        assert!(config(&[]).trusted_proxies.is_empty());
     }
 
     #[test]

@@ -237,11 +237,13 @@ pub fn request_framing(
 /// Reads a request body as framed, from the connection's buffered reader.
 /// Sends `100 Continue` before the first read when the client asked for it.
 /// Ends with `UnexpectedEof` if the client stops before the body is whole.
-pub struct BodyReader<'a, R: BufRead, W: Write> {
-    conn: &'a mut R,
+///
+/// Owns its reader and writer; pass `&mut` ones to borrow a connection.
+pub struct BodyReader<R: BufRead, W: Write> {
+    conn: R,
     state: BodyState,
     /// Where to send `100 Continue`, until it has been sent.
-    continue_to: Option<&'a mut W>,
+    continue_to: Option<W>,
     /// The read error that ended the body early, if any.
     pub error: Option<io::ErrorKind>,
 }
@@ -257,8 +259,8 @@ enum BodyState {
     Done,
 }
 
-impl<'a, R: BufRead, W: Write> BodyReader<'a, R, W> {
-    pub fn new(conn: &'a mut R, framing: BodyFraming, continue_to: Option<&'a mut W>) -> Self {
+impl<R: BufRead, W: Write> BodyReader<R, W> {
+    pub fn new(conn: R, framing: BodyFraming, continue_to: Option<W>) -> Self {
         let state = match framing {
             BodyFraming::None => BodyState::Done,
             BodyFraming::Sized(n) => BodyState::Length(n),
@@ -285,7 +287,7 @@ impl<'a, R: BufRead, W: Write> BodyReader<'a, R, W> {
     }
 
     fn read_inner(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if let Some(w) = self.continue_to.take() {
+        if let Some(mut w) = self.continue_to.take() {
             w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
             w.flush()?;
         }
@@ -421,7 +423,7 @@ fn bad_chunk(why: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why)
 }
 
-impl<R: BufRead, W: Write> Read for BodyReader<'_, R, W> {
+impl<R: BufRead, W: Write> Read for BodyReader<R, W> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let result = self.read_inner(buf);
         if let Err(e) = &result {
@@ -450,6 +452,23 @@ pub struct Written {
     /// carry another request.
     pub reusable: bool,
     pub error: Option<String>,
+}
+
+/// Writes a `101 Switching Protocols` head as is: after it the connection
+/// belongs to the new protocol, so there is no framing and no
+/// `Connection: close` to add.
+pub fn write_switching_head<W: Write>(out: &mut W, headers: &[(String, String)]) -> io::Result<()> {
+    let mut head: Vec<u8> = Vec::with_capacity(256);
+    head.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\n");
+    for (name, value) in headers {
+        head.extend_from_slice(name.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(&field_to_bytes(value));
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    out.write_all(&head)?;
+    out.flush()
 }
 
 /// Writes a response. With a known length the body is sent as is; without
@@ -642,7 +661,7 @@ mod tests {
 
     fn body(raw: &[u8], framing: BodyFraming) -> (io::Result<Vec<u8>>, bool) {
         let mut conn = BufReader::new(Cursor::new(raw.to_vec()));
-        let mut reader = BodyReader::<_, Vec<u8>>::new(&mut conn, framing, None);
+        let mut reader = BodyReader::<_, &mut Vec<u8>>::new(&mut conn, framing, None);
         let mut out = Vec::new();
         let r = reader.read_to_end(&mut out).map(|_| out);
         (r, reader.is_complete())

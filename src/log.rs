@@ -45,7 +45,10 @@ pub struct RequestRecord {
     pub status: u16,
     pub upstream: Option<String>,
     pub duration_ms: f64,
+    /// Body bytes sent to the client.
     pub bytes: u64,
+    /// Bytes the client sent through an upgraded connection (tunnels only).
+    pub bytes_to_backend: Option<u64>,
     pub client_ip: Option<String>,
     pub user_agent: Option<String>,
     /// Why the router answered itself (no route, backend down, …).
@@ -265,6 +268,9 @@ fn render_request(at: SystemTime, r: &RequestRecord) -> String {
         ((r.duration_ms * 1000.0).round() / 1000.0).into(),
     );
     f.insert("bytes".into(), r.bytes.into());
+    if let Some(n) = r.bytes_to_backend {
+        f.insert("bytes_to_backend".into(), n.into());
+    }
     f.insert("client_ip".into(), r.client_ip.clone().into());
     f.insert("user_agent".into(), r.user_agent.clone().into());
     if let Some(e) = &r.error {

@@ -7,15 +7,18 @@
 //! wires them together and runs the shutdown sequence.
 
 mod backend;
+mod cidr;
 mod cli;
 mod discovery;
 mod etcd_v2;
+mod health;
 mod http1;
 mod httpurl;
 mod log;
 mod proxy;
 mod routes;
 mod server;
+mod tunnel;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -85,13 +88,33 @@ fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Resul
     }
 
     let table = Arc::new(routes::SharedTable::default());
-    let client = backend::BackendClient::new(
-        config.connect_timeout,
-        config.response_timeout,
-        config.workers,
-    );
-    let proxy = Arc::new(proxy::Proxy::new(Arc::clone(&table), client));
-    let server = match server::Server::start(config.listen, config.workers, proxy, logger.clone()) {
+    let t = config.timeouts;
+    let client = backend::BackendClient::new(t.connect, t.response, t.body, config.workers);
+    let settings = proxy::ProxySettings {
+        eject: config.eject,
+        trusted_proxies: config.trusted_proxies.clone(),
+        handshake: tunnel::HandshakeTimeouts {
+            connect: t.connect,
+            response: t.response,
+            write: t.body,
+        },
+        body_timeout: t.body,
+    };
+    let proxy = Arc::new(proxy::Proxy::new(
+        Arc::clone(&table),
+        client,
+        settings,
+        logger.clone(),
+    ));
+    let server_settings = server::ServerSettings {
+        max_connections: config.workers,
+        header_timeout: t.header,
+        keepalive_timeout: t.keepalive,
+        client_timeout: t.client,
+        tunnel_timeout: t.tunnel,
+    };
+    let server = match server::Server::start(config.listen, server_settings, proxy, logger.clone())
+    {
         Ok(s) => s,
         Err(e) => {
             logger.event("service.stop", json!({"error": e}));
@@ -108,6 +131,9 @@ fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Resul
             "etcd_urls": config.etcd_urls,
             "etcd_key": config.etcd_key,
             "workers": config.workers,
+            "trusted_proxies": config.trusted_proxies.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "eject_after": config.eject.after,
+            "eject_for_secs": config.eject.duration_ms as f64 / 1000.0,
         }),
     );
 

@@ -3,15 +3,27 @@
 //!
 //! Works on the project's own types ([`IncomingRequest`],
 //! [`ProxyResponse`]); the server front and the backend client are edges
-//! that convert. Header rules live here and nowhere else. Never waits on
-//! etcd: the route table is a snapshot taken at the start of the request.
+//! that convert. Header rules and the choice of backends (ejection, retry
+//! budget) live here and nowhere else. Never waits on etcd: the route table
+//! is a snapshot taken at the start of the request.
+//!
+//! Retries never amplify an outage: another backend is tried only when the
+//! failed attempt sent nothing (no connection was made), never the same
+//! backend twice, and only while the domain's retry budget allows.
 
 use std::io::{Cursor, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
 
 use crate::backend::{BackendClient, BackendError, BackendRequest};
-use crate::routes::{SharedTable, normalise_host};
+use crate::cidr::Cidr;
+use crate::health::{AfterFailure, EjectPolicy, now_ms};
+use crate::log::Logger;
+use crate::routes::{Backend, Domain, SharedTable, normalise_host};
+use crate::tunnel::{self, Handshake, HandshakeTimeouts};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), plus the legacy `Keep-Alive` and
 /// `Proxy-Connection`: they describe one connection and must not be
@@ -117,51 +129,102 @@ pub struct Outcome {
     pub error: Option<String>,
 }
 
+/// How the proxy treats backends and clients, from the command line.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub eject: EjectPolicy,
+    /// Peers whose forwarding headers are kept (see [`forward_headers`]).
+    pub trusted_proxies: Vec<Cidr>,
+    /// For upgrade handshakes, which do not go through the pooled client.
+    pub handshake: HandshakeTimeouts,
+    pub body_timeout: Duration,
+}
+
 pub struct Proxy {
     table: Arc<SharedTable>,
     client: BackendClient,
+    settings: ProxySettings,
+    log: Logger,
+}
+
+/// A request that passed the checks every request must pass: a usable
+/// target and host.
+struct Routed<'r> {
+    /// Normalised, for lookup and logs.
+    host: String,
+    /// As the client sent it, for `Host` and `X-Forwarded-Host`.
+    raw_host: &'r str,
+    path_and_query: &'r str,
+}
+
+/// An upgrade request the backend answered.
+pub struct Upgraded {
+    pub handshake: Handshake,
+    pub host: String,
+    pub upstream: String,
 }
 
 impl Proxy {
-    pub fn new(table: Arc<SharedTable>, client: BackendClient) -> Proxy {
-        Proxy { table, client }
+    pub fn new(
+        table: Arc<SharedTable>,
+        client: BackendClient,
+        settings: ProxySettings,
+        log: Logger,
+    ) -> Proxy {
+        Proxy {
+            table,
+            client,
+            settings,
+            log,
+        }
     }
 
-    pub fn handle(&self, req: &IncomingRequest, body: &mut dyn Read) -> Outcome {
-        let target = match RequestTarget::parse(&req.target) {
-            Some(t) => t,
-            None => {
-                return refuse(
-                    400,
-                    "bad request target",
-                    header(&req.headers, "host").unwrap_or(""),
-                );
-            }
+    pub fn settings(&self) -> &ProxySettings {
+        &self.settings
+    }
+
+    /// Checks the target and the host (RFC 9112 §3.2).
+    fn route<'r>(&self, req: &'r IncomingRequest) -> Result<Routed<'r>, Box<Outcome>> {
+        let Some(target) = RequestTarget::parse(&req.target) else {
+            return Err(Box::new(refuse(
+                400,
+                "bad request target",
+                header(&req.headers, "host").unwrap_or(""),
+            )));
         };
         let host_values: Vec<&str> = header_values(&req.headers, "host").collect();
-        // RFC 9112 §3.2: more than one Host, or none in HTTP/1.1, is a 400.
+        // More than one Host, or none in HTTP/1.1, is a 400.
         if host_values.len() > 1 {
-            return refuse(400, "more than one Host header", host_values[0]);
+            return Err(Box::new(refuse(
+                400,
+                "more than one Host header",
+                host_values[0],
+            )));
         }
         let raw_host = match (target.authority, host_values.first()) {
             // RFC 9112 §3.2.2: the absolute-form authority wins over Host.
             (Some(authority), _) => authority,
             (None, Some(h)) => *h,
-            (None, None) => return refuse(400, "missing Host header", ""),
+            (None, None) => return Err(Box::new(refuse(400, "missing Host header", ""))),
         };
         let Some(host) = normalise_host(raw_host) else {
-            return refuse(400, "no usable host", raw_host);
+            return Err(Box::new(refuse(400, "no usable host", raw_host)));
         };
+        Ok(Routed {
+            host,
+            raw_host,
+            path_and_query: target.path_and_query,
+        })
+    }
 
-        let table = self.table.load();
-        let Some(domain) = table.lookup(&host) else {
-            return refuse(503, "no route for this host", &host);
+    pub fn handle(&self, req: &IncomingRequest, body: &mut dyn Read) -> Outcome {
+        let routed = match self.route(req) {
+            Ok(r) => r,
+            Err(refused) => return *refused,
         };
-
-        let headers = forward_headers(req, raw_host);
-        let mut last_error = None;
-        for backend in domain.rotation() {
-            let path = format!("{}{}", backend.base_path, target.path_and_query);
+        let headers = forward_headers(req, routed.raw_host, &self.settings.trusted_proxies);
+        let result = self.attempt(&routed.host, |backend| {
+            let path = format!("{}{}", backend.base_path, routed.path_and_query);
             let out = BackendRequest {
                 method: &req.method,
                 authority: &backend.authority,
@@ -169,35 +232,167 @@ impl Proxy {
                 headers: &headers,
                 framing: req.framing,
             };
-            match self.client.send(&out, body) {
-                Ok(resp) => {
-                    // For HEAD the client's body is empty whatever the
-                    // length says; the server front sends none.
-                    let response = ProxyResponse {
-                        status: resp.status,
-                        headers: response_headers(resp.headers),
-                        length: resp.length,
-                        body: resp.body,
-                    };
-                    return Outcome {
-                        response,
-                        host,
-                        upstream: Some(backend.url.clone()),
-                        error: None,
-                    };
-                }
-                // Nothing was sent: the next backend may take it.
-                Err(e @ BackendError::Connect { .. }) => {
-                    last_error = Some((backend.url.clone(), e));
-                }
-                Err(e) => return backend_failure(host, backend.url.clone(), e),
-            }
-        }
-        match last_error {
-            Some((url, e)) => backend_failure(host, url, e),
-            None => refuse(503, "no route for this host", &host),
+            self.client.send(&out, body)
+        });
+        match result {
+            // For HEAD the client's body is empty whatever the length says;
+            // the server front sends none.
+            Ok((resp, upstream)) => Outcome {
+                response: ProxyResponse {
+                    status: resp.status,
+                    headers: response_headers(resp.headers),
+                    length: resp.length,
+                    body: resp.body,
+                },
+                host: routed.host,
+                upstream: Some(upstream),
+                error: None,
+            },
+            Err(outcome) => *outcome,
         }
     }
+
+    /// Sends an upgrade request (see [`is_upgrade`]) to a backend and
+    /// returns its answer, `101` or not, for the server front to pass on.
+    pub fn upgrade(&self, req: &IncomingRequest) -> Result<Upgraded, Box<Outcome>> {
+        let routed = self.route(req)?;
+        let mut headers = forward_headers(req, routed.raw_host, &self.settings.trusted_proxies);
+        headers.push(("Connection".into(), "Upgrade".into()));
+        for value in header_values(&req.headers, "upgrade") {
+            headers.push(("Upgrade".into(), value.to_string()));
+        }
+        let (handshake, upstream) = self.attempt(&routed.host, |backend| {
+            let path = format!("{}{}", backend.base_path, routed.path_and_query);
+            let head = tunnel::request_head(&req.method, &path, &headers);
+            tunnel::handshake(&backend.authority, &head, self.settings.handshake)
+        })?;
+        Ok(Upgraded {
+            handshake,
+            host: routed.host,
+            upstream,
+        })
+    }
+
+    /// Runs `send` against the domain's backends: the round-robin pick,
+    /// then (only after a failure that sent nothing, and only within the
+    /// retry budget) the next ones. Records each result in the backend's
+    /// health. Returns the answer and the backend's URL, or the refusal.
+    fn attempt<T>(
+        &self,
+        host: &str,
+        mut send: impl FnMut(&Backend) -> Result<T, BackendError>,
+    ) -> Result<(T, String), Box<Outcome>> {
+        let table = self.table.load();
+        let Some(domain) = table.lookup(host) else {
+            return Err(Box::new(refuse(503, "no route for this host", host)));
+        };
+        let policy = &self.settings.eject;
+        let now = now_ms();
+        domain.budget().record_request(now);
+        let mut tries = 0u32;
+        let mut last_error: Option<(String, BackendError)> = None;
+        let mut candidates = domain.candidates(policy, now);
+        loop {
+            // The budget is asked before the next backend: asking an
+            // ejected backend claims its probe, which must not be wasted.
+            if tries > 0 && !domain.budget().try_retry(now_ms()) {
+                let (url, e) = last_error.take().expect("a retry follows a failure");
+                let mut outcome = backend_failure(host, url, e);
+                if let Some(error) = &mut outcome.error {
+                    error.push_str(&format!(" (retry budget spent after {tries} tries)"));
+                }
+                return Err(Box::new(outcome));
+            }
+            let Some(candidate) = candidates.next() else {
+                break;
+            };
+            tries += 1;
+            let backend = candidate.backend;
+            match send(backend) {
+                Ok(answer) => {
+                    if candidate.health.succeeded() {
+                        self.log.event(
+                            "backend.restore",
+                            json!({"domain": host, "backend": backend.url, "key": backend.key}),
+                        );
+                    }
+                    return Ok((answer, backend.url.clone()));
+                }
+                Err(e) => {
+                    if counts_against_health(&e) {
+                        self.record_failure(host, domain, &candidate, &e);
+                    }
+                    match e {
+                        // Nothing was sent: the next backend may take it.
+                        BackendError::Connect { .. } => {
+                            last_error = Some((backend.url.clone(), e));
+                        }
+                        e => return Err(Box::new(backend_failure(host, backend.url.clone(), e))),
+                    }
+                }
+            }
+        }
+        Err(Box::new(match last_error {
+            Some((url, e)) => backend_failure(host, url, e),
+            None => refuse(503, "no route for this host", host),
+        }))
+    }
+
+    fn record_failure(
+        &self,
+        host: &str,
+        domain: &Domain,
+        candidate: &crate::routes::Candidate<'_>,
+        e: &BackendError,
+    ) {
+        let policy = &self.settings.eject;
+        if candidate.health.failed(now_ms(), policy) == AfterFailure::Ejected {
+            self.log.event(
+                "backend.eject",
+                json!({
+                    "domain": host,
+                    "backend": candidate.backend.url,
+                    "key": candidate.backend.key,
+                    "failures": policy.after,
+                    "for_secs": policy.duration_ms as f64 / 1000.0,
+                    "error": e.to_string(),
+                    "all_ejected": domain.all_ejected(),
+                }),
+            );
+        }
+    }
+}
+
+/// Failures that say something about the backend: it refused, did not
+/// answer in time, or broke the exchange. (A request the client made
+/// unsendable does not.)
+fn counts_against_health(e: &BackendError) -> bool {
+    !matches!(e, BackendError::BadRequest { .. })
+}
+
+/// `Connection: Upgrade` with an `Upgrade` header, in HTTP/1.1 (RFC 9110
+/// §7.8), and no body: an upgrade request with a body is served as a plain
+/// request instead, which the RFC allows (the upgrade is optional), rather
+/// than interleaving the body with a new protocol.
+pub fn is_upgrade(req: &IncomingRequest) -> bool {
+    req.version == HttpVersion::Http11
+        && req.framing == BodyFraming::None
+        && header(&req.headers, "upgrade").is_some_and(|v| !v.trim().is_empty())
+        && connection_tokens(&req.headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+/// The headers of a backend's `101`: its end-to-end headers and `Upgrade`,
+/// with `Connection: Upgrade` (RFC 9110 §7.8).
+pub fn switching_headers(headers: &[(String, String)]) -> Vec<(String, String)> {
+    let tokens: Vec<&str> = connection_tokens(headers).collect();
+    let mut out: Vec<(String, String)> = headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("upgrade") || !is_hop_by_hop(n, &tokens))
+        .filter(|(n, _)| !n.eq_ignore_ascii_case("content-length"))
+        .cloned()
+        .collect();
+    out.push(("Connection".into(), "Upgrade".into()));
+    out
 }
 
 /// The request-target split into what routing and forwarding need.
@@ -248,10 +443,25 @@ fn is_hop_by_hop(name: &str, connection_tokens: &[&str]) -> bool {
 
 /// The headers sent to the backend: the client's end-to-end headers, its
 /// `Host` (as the original tool did), and the forwarding headers.
-fn forward_headers(req: &IncomingRequest, raw_host: &str) -> Vec<(String, String)> {
+///
+/// Forwarding headers from a client are claims anyone can make, so they are
+/// believed only from a peer in `trusted` (another proxy in front of this
+/// one): from such a peer `X-Forwarded-For` is kept and the peer appended,
+/// and its `X-Forwarded-Proto`/`-Host` and `Forwarded` are kept. From any
+/// other peer they are dropped and replaced by the router's own values, so
+/// a backend never mistakes a client's say-so for an address.
+pub fn forward_headers(
+    req: &IncomingRequest,
+    raw_host: &str,
+    trusted: &[Cidr],
+) -> Vec<(String, String)> {
+    let peer_trusted = req
+        .peer
+        .is_some_and(|p| trusted.iter().any(|c| c.contains(p.ip())));
     let tokens: Vec<&str> = connection_tokens(&req.headers).collect();
     let mut out = Vec::with_capacity(req.headers.len() + 3);
     let mut forwarded_for: Vec<&str> = Vec::new();
+    let (mut has_proto, mut has_host) = (false, false);
     for (name, value) in &req.headers {
         if is_hop_by_hop(name, &tokens)
             || name.eq_ignore_ascii_case("host")
@@ -259,41 +469,57 @@ fn forward_headers(req: &IncomingRequest, raw_host: &str) -> Vec<(String, String
             // The server front answers `Expect: 100-continue` itself; the
             // backend must not send an interim response of its own.
             || name.eq_ignore_ascii_case("expect")
-            || name.eq_ignore_ascii_case("x-forwarded-proto")
-            || name.eq_ignore_ascii_case("x-forwarded-host")
         {
             continue;
         }
-        if name.eq_ignore_ascii_case("x-forwarded-for") {
-            forwarded_for.push(value.trim());
-            continue;
+        let forwarding = [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "forwarded",
+        ]
+        .iter()
+        .any(|f| name.eq_ignore_ascii_case(f));
+        if forwarding {
+            if !peer_trusted {
+                continue;
+            }
+            if name.eq_ignore_ascii_case("x-forwarded-for") {
+                forwarded_for.push(value.trim());
+                continue;
+            }
+            has_proto |= name.eq_ignore_ascii_case("x-forwarded-proto");
+            has_host |= name.eq_ignore_ascii_case("x-forwarded-host");
         }
         out.push((name.clone(), value.clone()));
     }
     out.push(("Host".into(), raw_host.to_string()));
-    let client_ip = req.peer.map(|p| p.ip().to_string());
     let mut xff = forwarded_for
         .into_iter()
         .filter(|v| !v.is_empty())
         .collect::<Vec<_>>()
         .join(", ");
-    if let Some(ip) = client_ip {
+    if let Some(peer) = req.peer {
         if !xff.is_empty() {
             xff.push_str(", ");
         }
-        xff.push_str(&ip);
+        xff.push_str(&peer.ip().to_canonical().to_string());
     }
     if !xff.is_empty() {
         out.push(("X-Forwarded-For".into(), xff));
     }
-    out.push(("X-Forwarded-Proto".into(), "http".into()));
-    out.push(("X-Forwarded-Host".into(), raw_host.to_string()));
+    if !has_proto {
+        out.push(("X-Forwarded-Proto".into(), "http".into()));
+    }
+    if !has_host {
+        out.push(("X-Forwarded-Host".into(), raw_host.to_string()));
+    }
     out
 }
 
 /// The backend's headers minus hop-by-hop and framing headers (the server
 /// front frames the body itself).
-fn response_headers(mut headers: Vec<(String, String)>) -> Vec<(String, String)> {
+pub fn response_headers(mut headers: Vec<(String, String)>) -> Vec<(String, String)> {
     // Owned, as `retain` borrows the list mutably; allocates nothing when
     // there is no `Connection` header.
     let owned: Vec<String> = connection_tokens(&headers).map(String::from).collect();
@@ -303,7 +529,7 @@ fn response_headers(mut headers: Vec<(String, String)>) -> Vec<(String, String)>
     headers
 }
 
-fn backend_failure(host: String, upstream: String, e: BackendError) -> Outcome {
+fn backend_failure(host: &str, upstream: String, e: BackendError) -> Outcome {
     let (status, text) = match &e {
         BackendError::Connect {
             timed_out: true, ..
@@ -312,8 +538,7 @@ fn backend_failure(host: String, upstream: String, e: BackendError) -> Outcome {
         BackendError::BadRequest { .. } => (400, "request cannot be forwarded"),
         _ => (502, "backend unavailable"),
     };
-    let mut outcome = refuse(status, text, &host);
-    outcome.host = host;
+    let mut outcome = refuse(status, text, host);
     outcome.upstream = Some(upstream);
     outcome.error = Some(e.to_string());
     outcome
@@ -376,7 +601,7 @@ mod tests {
             ("Content-Length", "5"),
             ("Accept", "*/*"),
         ]);
-        let out = forward_headers(&r, "a.com");
+        let out = forward_headers(&r, "a.com", &[]);
         assert_eq!(
             names(&out),
             [
@@ -398,28 +623,77 @@ mod tests {
         assert_eq!(names(&back), ["set-cookie", "set-cookie"]);
     }
 
+    fn get(out: &[(String, String)], n: &str) -> Vec<String> {
+        out.iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(n))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     #[test]
-    fn forwarding_headers() {
+    fn forwarding_headers_from_an_untrusted_peer_are_replaced() {
         let r = req(&[
             ("Host", "A.com:8080"),
             ("X-Forwarded-For", "10.0.0.1"),
             ("X-Forwarded-For", "10.0.0.2"),
             ("X-Forwarded-Proto", "https"),
             ("X-Forwarded-Host", "evil"),
+            ("Forwarded", "for=10.0.0.1"),
             ("User-Agent", "test/1"),
         ]);
-        let out = forward_headers(&r, "A.com:8080");
-        let get = |n: &str| {
-            out.iter()
-                .filter(|(k, _)| k.eq_ignore_ascii_case(n))
-                .map(|(_, v)| v.as_str())
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(get("x-forwarded-for"), ["10.0.0.1, 10.0.0.2, 192.0.2.7"]);
-        assert_eq!(get("x-forwarded-proto"), ["http"]);
-        assert_eq!(get("x-forwarded-host"), ["A.com:8080"]);
-        assert_eq!(get("host"), ["A.com:8080"]);
-        assert_eq!(get("user-agent"), ["test/1"]);
+        let trusted = [Cidr::parse("10.0.0.0/8").unwrap()];
+        let out = forward_headers(&r, "A.com:8080", &trusted);
+        assert_eq!(get(&out, "x-forwarded-for"), ["192.0.2.7"]);
+        assert_eq!(get(&out, "x-forwarded-proto"), ["http"]);
+        assert_eq!(get(&out, "x-forwarded-host"), ["A.com:8080"]);
+        assert!(get(&out, "forwarded").is_empty());
+        assert_eq!(get(&out, "host"), ["A.com:8080"]);
+        assert_eq!(get(&out, "user-agent"), ["test/1"]);
+    }
+
+    #[test]
+    fn forwarding_headers_from_a_trusted_proxy_are_kept_and_appended_to() {
+        let r = req(&[
+            ("Host", "a.com"),
+            ("X-Forwarded-For", "10.0.0.1"),
+            ("X-Forwarded-For", "10.0.0.2"),
+            ("X-Forwarded-Proto", "https"),
+            ("Forwarded", "for=10.0.0.1"),
+        ]);
+        let trusted = [Cidr::parse("192.0.2.0/24").unwrap()];
+        let out = forward_headers(&r, "a.com", &trusted);
+        assert_eq!(
+            get(&out, "x-forwarded-for"),
+            ["10.0.0.1, 10.0.0.2, 192.0.2.7"]
+        );
+        assert_eq!(get(&out, "x-forwarded-proto"), ["https"]);
+        // Not sent by the trusted proxy: the router's own value.
+        assert_eq!(get(&out, "x-forwarded-host"), ["a.com"]);
+        assert_eq!(get(&out, "forwarded"), ["for=10.0.0.1"]);
+    }
+
+    #[test]
+    fn upgrades_are_recognised_and_their_answer_headers_kept() {
+        let mut r = req(&[
+            ("Host", "a.com"),
+            ("Connection", "keep-alive, Upgrade"),
+            ("Upgrade", "websocket"),
+        ]);
+        assert!(is_upgrade(&r));
+        r.framing = BodyFraming::Sized(3);
+        assert!(!is_upgrade(&r), "a body: served as a plain request");
+        let plain = req(&[("Host", "a.com"), ("Upgrade", "websocket")]);
+        assert!(!is_upgrade(&plain), "Upgrade without Connection: upgrade");
+        let back = switching_headers(&[
+            ("Upgrade".into(), "websocket".into()),
+            ("Connection".into(), "upgrade".into()),
+            ("Sec-WebSocket-Accept".into(), "x".into()),
+            ("Keep-Alive".into(), "1".into()),
+        ]);
+        assert_eq!(
+            names(&back),
+            ["upgrade", "sec-websocket-accept", "connection"]
+        );
     }
 
     #[test]
@@ -465,13 +739,24 @@ mod tests {
 
     #[test]
     fn hosts_are_required_and_validated() {
+        let second = std::time::Duration::from_secs(1);
         let proxy = Proxy::new(
             Arc::new(SharedTable::default()),
-            BackendClient::new(
-                std::time::Duration::from_secs(1),
-                std::time::Duration::from_secs(1),
-                1,
-            ),
+            BackendClient::new(second, second, second, 1),
+            ProxySettings {
+                eject: EjectPolicy {
+                    after: 3,
+                    duration_ms: 1000,
+                },
+                trusted_proxies: Vec::new(),
+                handshake: HandshakeTimeouts {
+                    connect: second,
+                    response: second,
+                    write: second,
+                },
+                body_timeout: second,
+            },
+            Logger::discard(),
         );
         let status = |r: IncomingRequest| proxy.handle(&r, &mut std::io::empty()).response.status;
         assert_eq!(status(req(&[])), 400);

@@ -10,6 +10,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
+use crate::health::{BackendHealth, EjectPolicy, RetryBudget};
 use crate::httpurl::HttpUrl;
 
 /// One backend of a domain, parsed from an etcd value.
@@ -52,15 +53,24 @@ impl Backend {
 }
 
 /// The backends of one domain, in a stable order (by etcd key), with the
-/// round-robin cursor.
+/// round-robin cursor, each backend's health and the domain's retry budget.
 #[derive(Debug)]
 pub struct Domain {
     backends: Vec<Arc<Backend>>,
+    /// `health[i]` belongs to `backends[i]`.
+    health: Vec<Arc<BackendHealth>>,
     /// Shared with the same domain in the previous and next tables, so that a
     /// change (a TTL renewal that re-sets a key, say) does not send the next
     /// request back to the first backend: frequent changes would otherwise
-    /// pile load onto it.
+    /// pile load onto it. Health and budget carry over the same way.
     cursor: Arc<AtomicUsize>,
+    budget: Arc<RetryBudget>,
+}
+
+/// A backend to try, with the record its result goes to.
+pub struct Candidate<'a> {
+    pub backend: &'a Arc<Backend>,
+    pub health: &'a BackendHealth,
 }
 
 impl Domain {
@@ -69,16 +79,78 @@ impl Domain {
         &self.backends
     }
 
+    pub fn all_ejected(&self) -> bool {
+        self.health.iter().all(|h| h.is_ejected())
+    }
+
+    pub fn budget(&self) -> &RetryBudget {
+        &self.budget
+    }
+
     /// The backends in the order to try them for one request: the round-robin
-    /// pick first, then the others once each (failover).
-    pub fn rotation(&self) -> impl Iterator<Item = &Arc<Backend>> {
+    /// pick first, then the others once each (failover), skipping ejected
+    /// ones. If every backend is ejected, all are offered anyway (fail open):
+    /// a backend that may have recovered beats a certain 503.
+    ///
+    /// Lazy on purpose: asking an ejected backend whether it admits a probe
+    /// claims the probe, so only backends actually tried are asked.
+    pub fn candidates<'a>(&'a self, policy: &'a EjectPolicy, now: u64) -> Candidates<'a> {
         let n = self.backends.len();
         let start = if n == 0 {
             0
         } else {
             self.cursor.fetch_add(1, Ordering::Relaxed) % n
         };
-        (0..n).map(move |i| &self.backends[(start + i) % n])
+        Candidates {
+            domain: self,
+            policy,
+            now,
+            start,
+            next: 0,
+            admitted: 0,
+            fail_open: false,
+        }
+    }
+}
+
+/// See [`Domain::candidates`].
+pub struct Candidates<'a> {
+    domain: &'a Domain,
+    policy: &'a EjectPolicy,
+    now: u64,
+    start: usize,
+    /// Offset from `start` of the next backend to look at.
+    next: usize,
+    /// Backends the first pass let through.
+    admitted: usize,
+    /// In the second pass, which offers every backend.
+    fail_open: bool,
+}
+
+impl<'a> Iterator for Candidates<'a> {
+    type Item = Candidate<'a>;
+
+    fn next(&mut self) -> Option<Candidate<'a>> {
+        let d = self.domain;
+        let n = d.backends.len();
+        loop {
+            if self.next == n {
+                if self.fail_open || self.admitted > 0 || n == 0 {
+                    return None;
+                }
+                self.fail_open = true;
+                self.next = 0;
+            }
+            let at = (self.start + self.next) % n;
+            self.next += 1;
+            if self.fail_open || d.health[at].admits(self.now, self.policy) {
+                self.admitted += 1;
+                return Some(Candidate {
+                    backend: &d.backends[at],
+                    health: &d.health[at],
+                });
+            }
+        }
     }
 }
 
@@ -105,12 +177,29 @@ impl RouteTable {
                 // etcd lists children in random order; sort so round robin and
                 // failover order do not change with every snapshot.
                 backends.sort_by(|a, b| a.key.cmp(&b.key));
-                let cursor = previous
-                    .domains
-                    .get(&name)
-                    .map(|d| Arc::clone(&d.cursor))
-                    .unwrap_or_default();
-                (name, Domain { backends, cursor })
+                let before = previous.domains.get(&name);
+                // A backend keeps its record while its key and URL stay; a
+                // new URL is a new backend with a clean slate.
+                let health = backends
+                    .iter()
+                    .map(|b| {
+                        before
+                            .and_then(|d| {
+                                d.backends
+                                    .iter()
+                                    .position(|old| old.key == b.key && old.url == b.url)
+                                    .map(|i| Arc::clone(&d.health[i]))
+                            })
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                let domain = Domain {
+                    backends,
+                    health,
+                    cursor: before.map(|d| Arc::clone(&d.cursor)).unwrap_or_default(),
+                    budget: before.map(|d| Arc::clone(&d.budget)).unwrap_or_default(),
+                };
+                (name, domain)
             })
             .collect();
         RouteTable { domains }
@@ -212,6 +301,11 @@ pub fn normalise_host(raw: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    const POLICY: EjectPolicy = EjectPolicy {
+        after: 1,
+        duration_ms: 1_000,
+    };
+
     fn backend(key: &str, url: &str) -> Arc<Backend> {
         Arc::new(Backend::parse(key, url).expect("valid test URL"))
     }
@@ -224,7 +318,12 @@ mod tests {
         (0..n)
             .map(|_| {
                 let d = t.lookup(host).expect("domain present");
-                d.rotation().next().expect("a backend").key.clone()
+                d.candidates(&POLICY, 0)
+                    .next()
+                    .expect("a backend")
+                    .backend
+                    .key
+                    .clone()
             })
             .collect()
     }
@@ -329,9 +428,10 @@ mod tests {
             .map(|_| {
                 t.lookup("a.com")
                     .unwrap()
-                    .rotation()
+                    .candidates(&POLICY, 0)
                     .next()
                     .unwrap()
+                    .backend
                     .url
                     .clone()
             })
@@ -364,9 +464,64 @@ mod tests {
             &RouteTable::default(),
         );
         let d = t.lookup("a.com").unwrap();
-        d.rotation().next();
-        let order: Vec<_> = d.rotation().map(|b| b.key.as_str()).collect();
+        d.candidates(&POLICY, 0).next();
+        let order: Vec<_> = d
+            .candidates(&POLICY, 0)
+            .map(|c| c.backend.key.as_str())
+            .collect();
         assert_eq!(order, ["/d/a.com/2", "/d/a.com/3", "/d/a.com/1"]);
+    }
+
+    #[test]
+    fn ejected_backends_are_skipped_unless_all_are() {
+        let routes = [
+            ("a.com", "/d/a.com/1", "http://127.0.0.1:1"),
+            ("a.com", "/d/a.com/2", "http://127.0.0.1:2"),
+        ];
+        let t = table(&routes, &RouteTable::default());
+        let d = t.lookup("a.com").unwrap();
+        let first = d.candidates(&POLICY, 0).next().unwrap();
+        assert_eq!(first.backend.key, "/d/a.com/1");
+        first.health.failed(0, &POLICY);
+        // Backend 1 is ejected: every request goes to 2, and only to 2.
+        for _ in 0..3 {
+            let keys: Vec<_> = d
+                .candidates(&POLICY, 10)
+                .map(|c| c.backend.key.clone())
+                .collect();
+            assert_eq!(keys, ["/d/a.com/2"]);
+        }
+        // The ejection survives a table rebuild.
+        let t = table(&routes, &t);
+        let d = t.lookup("a.com").unwrap();
+        let second = d.candidates(&POLICY, 20).next().unwrap();
+        assert_eq!(second.backend.key, "/d/a.com/2");
+        second.health.failed(20, &POLICY);
+        // Both ejected: both offered (fail open).
+        assert!(d.all_ejected());
+        assert_eq!(d.candidates(&POLICY, 30).count(), 2);
+        // Backend 1's time is up: it alone is offered (the probe), then
+        // skipped by the next request while the probe runs.
+        let probe: Vec<_> = d
+            .candidates(&POLICY, 1_000)
+            .map(|c| c.backend.key.clone())
+            .collect();
+        assert_eq!(probe, ["/d/a.com/1"]);
+        assert_eq!(d.candidates(&POLICY, 1_001).count(), 2);
+        // A changed URL is a new backend, with a clean record.
+        let t = table(
+            &[
+                ("a.com", "/d/a.com/1", "http://127.0.0.1:11"),
+                ("a.com", "/d/a.com/2", "http://127.0.0.1:2"),
+            ],
+            &t,
+        );
+        let d = t.lookup("a.com").unwrap();
+        let keys: Vec<_> = d
+            .candidates(&POLICY, 1_002)
+            .map(|c| c.backend.key.clone())
+            .collect();
+        assert_eq!(keys, ["/d/a.com/1"]);
     }
 
     #[test]

@@ -2,16 +2,18 @@
 //! (up to a cap), keeps them alive between requests, and stops gracefully.
 //!
 //! Owns sockets, timeouts and the connection lifecycle; the wire format is
-//! `http1`, the request logic `proxy`. Past the connection cap the acceptor
-//! stops accepting, so new connections wait in the kernel's listen backlog
-//! instead of costing a thread each. A panic while serving a request costs
-//! that connection, never the process.
+//! `http1`, the request logic `proxy`, upgraded connections `tunnel`. At
+//! the connection cap a new connection takes the place of an idle
+//! keep-alive one (closed, as its keep-alive timeout would have); when none
+//! is idle the acceptor stops accepting, so new connections wait in the
+//! kernel's listen backlog instead of costing a thread each. A panic while
+//! serving a request costs that connection, never the process.
 
 use std::collections::HashMap;
-use std::io::{self, BufReader, BufWriter};
+use std::io::{self, BufRead, BufReader, BufWriter};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,23 +21,17 @@ use std::time::{Duration, Instant};
 use crate::http1::{self, HeadError, ResponseHead};
 use crate::log::{Logger, RequestRecord};
 use crate::proxy::{
-    HttpVersion, IncomingRequest, Proxy, ProxyResponse, connection_tokens, header, header_values,
+    HttpVersion, IncomingRequest, Outcome, Proxy, ProxyResponse, connection_tokens, header,
+    header_values,
 };
+use crate::tunnel;
 
 /// Connection threads do little on the stack; the buffers live on the heap.
 const CONNECTION_STACK_BYTES: usize = 256 * 1024;
 const READ_BUFFER_BYTES: usize = 16 * 1024;
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
-/// An idle keep-alive connection is closed after this. Each one holds a
-/// thread and a connection slot, so it is kept short.
-pub const KEEPALIVE_IDLE_SECS: u64 = 15;
-/// A request head must be complete within this of its first byte, and the
-/// first request of a connection within this of the accept.
-pub const HEADER_DEADLINE_SECS: u64 = 10;
-/// Longest pause while reading a request body or writing a response.
-pub const CLIENT_IO_TIMEOUT_SECS: u64 = 60;
 /// How long the acceptor waits for a free slot before looking at the stop
-/// flag again.
+/// flag again (and closing another idle connection, if one appeared).
 const SLOT_POLL_MILLIS: u64 = 250;
 /// Closing a socket with unread input makes the kernel send a reset, which
 /// can destroy the answer before the client reads it; so after answering a
@@ -44,17 +40,42 @@ const SLOT_POLL_MILLIS: u64 = 250;
 const LINGER_MAX_MILLIS: u64 = 1000;
 const LINGER_MAX_BYTES: u64 = 256 * 1024;
 
+/// Limits and timeouts of the client side.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerSettings {
+    /// Open connections at most (one thread each).
+    pub max_connections: usize,
+    /// A request head must be complete within this of its first byte, and
+    /// the first request of a connection within this of the accept: a
+    /// silent or dripping connection cannot sit on a slot.
+    pub header_timeout: Duration,
+    /// An idle keep-alive connection is closed after this.
+    pub keepalive_timeout: Duration,
+    /// Longest pause while reading a request body or writing a response.
+    pub client_timeout: Duration,
+    /// An upgraded connection with no byte either way for this is closed.
+    pub tunnel_timeout: Duration,
+}
+
+/// Where a connection is in its life, for shutdown and for making room at
+/// the connection cap.
+const WAITING_FIRST: u8 = 0;
+/// Between requests with no byte of the next one: safe to close.
+const KEEPALIVE_IDLE: u8 = 1;
+/// Reading a request or serving it.
+const ACTIVE: u8 = 2;
+
 /// Shared by the acceptor and every connection thread.
 struct Shared {
     proxy: Arc<Proxy>,
     log: Logger,
+    settings: ServerSettings,
     stop: AtomicBool,
     /// Requests being served (head read, answer not yet written).
     busy: AtomicUsize,
     /// Open connections, with a condvar to wait for a free slot.
     open: Mutex<usize>,
     slot_freed: Condvar,
-    max_connections: usize,
     /// Every open connection, so that shutdown can close the idle ones at
     /// once instead of each polling for it.
     registry: Mutex<Registry>,
@@ -63,25 +84,31 @@ struct Shared {
 #[derive(Default)]
 struct Registry {
     next_id: u64,
-    conns: HashMap<u64, (TcpStream, Arc<AtomicBool>)>,
+    conns: HashMap<u64, (TcpStream, Arc<AtomicU8>)>,
 }
 
 /// A connection's entry in the registry, removed on drop.
 struct Registered<'a> {
     shared: &'a Shared,
     id: u64,
-    idle: Arc<AtomicBool>,
+    state: Arc<AtomicU8>,
 }
 
 impl<'a> Registered<'a> {
     fn new(shared: &'a Shared, stream: &TcpStream) -> Option<Registered<'a>> {
         let clone = stream.try_clone().ok()?;
-        let idle = Arc::new(AtomicBool::new(true));
+        let state = Arc::new(AtomicU8::new(WAITING_FIRST));
         let mut reg = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
         let id = reg.next_id;
         reg.next_id += 1;
-        reg.conns.insert(id, (clone, Arc::clone(&idle)));
-        Some(Registered { shared, id, idle })
+        reg.conns.insert(id, (clone, Arc::clone(&state)));
+        Some(Registered { shared, id, state })
+    }
+
+    fn set(&self, state: u8) {
+        if self.state.load(Ordering::Relaxed) != state {
+            self.state.store(state, Ordering::SeqCst);
+        }
     }
 }
 
@@ -105,7 +132,7 @@ pub struct Server {
 impl Server {
     pub fn start(
         listen: SocketAddr,
-        max_connections: usize,
+        settings: ServerSettings,
         proxy: Arc<Proxy>,
         log: Logger,
     ) -> Result<Server, String> {
@@ -117,11 +144,11 @@ impl Server {
         let shared = Arc::new(Shared {
             proxy,
             log,
+            settings,
             stop: AtomicBool::new(false),
             busy: AtomicUsize::new(0),
             open: Mutex::new(0),
             slot_freed: Condvar::new(),
-            max_connections,
             registry: Mutex::new(Registry::default()),
         });
         let s = Arc::clone(&shared);
@@ -163,8 +190,8 @@ impl Server {
                 .registry
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            for (stream, idle) in reg.conns.values() {
-                if idle.load(Ordering::SeqCst) {
+            for (stream, state) in reg.conns.values() {
+                if state.load(Ordering::SeqCst) != ACTIVE {
                     let _ = stream.shutdown(std::net::Shutdown::Both);
                 }
             }
@@ -179,25 +206,9 @@ impl Server {
 
 fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     while !shared.stop.load(Ordering::SeqCst) {
-        // Wait for a free slot before taking a connection off the backlog.
-        {
-            let mut open = shared.open.lock().unwrap_or_else(|e| e.into_inner());
-            while *open >= shared.max_connections && !shared.stop.load(Ordering::SeqCst) {
-                open = shared
-                    .slot_freed
-                    .wait_timeout(open, Duration::from_millis(SLOT_POLL_MILLIS))
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|e| e.into_inner().0);
-            }
-            if shared.stop.load(Ordering::SeqCst) {
-                break;
-            }
-            *open += 1;
-        }
         let (stream, peer) = match listener.accept() {
             Ok(conn) => conn,
             Err(e) => {
-                release_slot(&shared);
                 // EMFILE and friends: back off instead of spinning.
                 if !matches!(
                     e.kind(),
@@ -208,8 +219,9 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        if shared.stop.load(Ordering::SeqCst) {
-            release_slot(&shared);
+        // Holding one accepted connection while waiting for a slot costs a
+        // file descriptor; the rest wait in the backlog.
+        if shared.stop.load(Ordering::SeqCst) || !take_slot(&shared) {
             break;
         }
         let s = Arc::clone(&shared);
@@ -229,6 +241,41 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         }
     }
     // The listener drops here: new connections are refused from now on.
+}
+
+/// Waits for a free connection slot and takes it. At the cap, closes one
+/// idle keep-alive connection to make room (again after each second of
+/// waiting, in case it was not enough). False if the server is stopping.
+fn take_slot(shared: &Shared) -> bool {
+    let mut open = shared.open.lock().unwrap_or_else(|e| e.into_inner());
+    let mut next_eviction = Instant::now();
+    while *open >= shared.settings.max_connections {
+        if shared.stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        if Instant::now() >= next_eviction {
+            close_one_idle(shared);
+            next_eviction = Instant::now() + Duration::from_secs(1);
+        }
+        open = shared
+            .slot_freed
+            .wait_timeout(open, Duration::from_millis(SLOT_POLL_MILLIS))
+            .map(|(g, _)| g)
+            .unwrap_or_else(|e| e.into_inner().0);
+    }
+    *open += 1;
+    true
+}
+
+fn close_one_idle(shared: &Shared) {
+    let reg = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((stream, _)) = reg
+        .conns
+        .values()
+        .find(|(_, state)| state.load(Ordering::SeqCst) == KEEPALIVE_IDLE)
+    {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 fn release_slot(shared: &Shared) {
@@ -266,7 +313,8 @@ impl ReadTimeout<'_> {
 fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     let accepted = Instant::now();
     let _ = stream.set_nodelay(true);
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(CLIENT_IO_TIMEOUT_SECS)));
+    let settings = shared.settings;
+    let _ = stream.set_write_timeout(Some(settings.client_timeout));
     let Some(registered) = Registered::new(shared, &stream) else {
         return;
     };
@@ -286,27 +334,36 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     let mut first = true;
 
     loop {
-        registered.idle.store(true, Ordering::SeqCst);
+        if !first {
+            registered.set(KEEPALIVE_IDLE);
+        }
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
         let mut head_deadline: Option<Instant> = None;
         let head = http1::read_head(&mut reader, |started| {
+            if started {
+                registered.set(ACTIVE);
+            }
             if started || first {
                 // All of the head by its deadline (the first request's from
-                // the accept, so a silent connection cannot sit on a slot).
+                // the accept).
                 let deadline = *head_deadline.get_or_insert_with(|| {
                     let from = if first { accepted } else { Instant::now() };
-                    from + Duration::from_secs(HEADER_DEADLINE_SECS)
+                    from + settings.header_timeout
                 });
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     return Err(io::ErrorKind::TimedOut.into());
                 }
-                // Rounded up to whole seconds, so the cached value stays put.
-                timeout.set(Duration::from_secs(left.as_secs().max(1)))
+                // Rounded up to whole 100 ms, so the cached value mostly
+                // stays put and no setsockopt is made per read.
+                let tenths = left.as_millis().div_ceil(100).max(1);
+                timeout.set(Duration::from_millis(
+                    u64::try_from(tenths * 100).unwrap_or(u64::MAX),
+                ))
             } else {
-                timeout.set(Duration::from_secs(KEEPALIVE_IDLE_SECS))
+                timeout.set(settings.keepalive_timeout)
             }
         });
         let head = match head {
@@ -318,7 +375,7 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
                 return;
             }
         };
-        registered.idle.store(false, Ordering::SeqCst);
+        registered.set(ACTIVE);
         first = false;
         shared.busy.fetch_add(1, Ordering::SeqCst);
         let _busy = BusyGuard(&shared.busy);
@@ -448,7 +505,10 @@ fn serve_request(
         framing: framing.unwrap_or(crate::proxy::BodyFraming::None),
     };
     if incoming.framing != crate::proxy::BodyFraming::None {
-        let _ = timeout.set(Duration::from_secs(CLIENT_IO_TIMEOUT_SECS));
+        let _ = timeout.set(shared.settings.client_timeout);
+    }
+    if framing.is_ok() && !unmet_expectation && crate::proxy::is_upgrade(&incoming) {
+        return serve_upgrade(&incoming, reader, writer, copy_buf, peer, shared, started);
     }
 
     // `100 Continue` goes straight to the socket (nothing is buffered in
@@ -511,20 +571,20 @@ fn serve_request(
         copy_buf,
     );
 
-    let error = outcome.error.or(written.error);
-    let user_agent = header(&incoming.headers, "user-agent").map(str::to_string);
-    shared.log.request(RequestRecord {
-        host: outcome.host,
-        method: incoming.method,
-        path: incoming.target,
-        status,
-        upstream: outcome.upstream,
-        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-        bytes: written.body_bytes,
-        client_ip: Some(peer.ip().to_string()),
-        user_agent,
-        error,
-    });
+    log_request(
+        shared,
+        &incoming,
+        peer,
+        started,
+        Logged {
+            host: outcome.host,
+            status,
+            upstream: outcome.upstream,
+            bytes: written.body_bytes,
+            error: outcome.error.or(written.error),
+            ..Logged::default()
+        },
+    );
     if written.reusable {
         After::KeepAlive
     } else if !body_complete && body_error.is_none() {
@@ -532,4 +592,163 @@ fn serve_request(
     } else {
         After::Close
     }
+}
+
+/// Serves a request asking for a protocol upgrade (see
+/// [`crate::proxy::is_upgrade`]). After a `101` the connection is a tunnel
+/// until either side ends it; any other answer is passed on as usual. The
+/// connection is closed afterwards either way.
+fn serve_upgrade(
+    incoming: &IncomingRequest,
+    reader: &mut BufReader<TcpStream>,
+    writer: &mut BufWriter<TcpStream>,
+    copy_buf: &mut Vec<u8>,
+    peer: SocketAddr,
+    shared: &Shared,
+    started: Instant,
+) -> After {
+    let upgraded = match shared.proxy.upgrade(incoming) {
+        Ok(up) => up,
+        Err(outcome) => {
+            write_and_log(incoming, *outcome, writer, copy_buf, peer, shared, started);
+            return After::Close;
+        }
+    };
+    let status = upgraded.handshake.status;
+    let mut bytes_to_backend = None;
+    let (bytes, error) = if status == 101 {
+        let headers = crate::proxy::switching_headers(&upgraded.handshake.headers);
+        match http1::write_switching_head(writer, &headers) {
+            Err(e) => (0, Some(format!("writing the 101 head: {e}"))),
+            Ok(()) => {
+                // Bytes the client sent after its head belong to the new
+                // protocol.
+                let pending = reader.buffer().to_vec();
+                reader.consume(pending.len());
+                let relayed = tunnel::relay(
+                    writer.get_ref(),
+                    pending,
+                    upgraded.handshake,
+                    shared.settings.tunnel_timeout,
+                );
+                bytes_to_backend = Some(relayed.to_backend);
+                (relayed.to_client, relayed.error)
+            }
+        }
+    } else {
+        // Refused (or ignored): an ordinary answer, passed on.
+        let headers = crate::proxy::response_headers(upgraded.handshake.headers.clone());
+        let (length, mut body) = upgraded.handshake.into_body(
+            incoming.method.eq_ignore_ascii_case("HEAD"),
+            shared.proxy.settings().body_timeout,
+        );
+        let written = http1::write_response(
+            writer,
+            &ResponseHead {
+                status,
+                headers: &headers,
+                length,
+                head_only: incoming.method.eq_ignore_ascii_case("HEAD"),
+                version: incoming.version,
+                keep_alive: false,
+            },
+            &mut *body,
+            copy_buf,
+        );
+        (written.body_bytes, written.error)
+    };
+    log_request(
+        shared,
+        incoming,
+        peer,
+        started,
+        Logged {
+            host: upgraded.host,
+            status,
+            upstream: Some(upgraded.upstream),
+            bytes,
+            bytes_to_backend,
+            error,
+        },
+    );
+    After::Close
+}
+
+/// Writes the router's own answer (or a backend's, already converted) on a
+/// connection that closes afterwards, and logs it.
+fn write_and_log(
+    incoming: &IncomingRequest,
+    outcome: Outcome,
+    writer: &mut BufWriter<TcpStream>,
+    copy_buf: &mut Vec<u8>,
+    peer: SocketAddr,
+    shared: &Shared,
+    started: Instant,
+) {
+    let ProxyResponse {
+        status,
+        headers,
+        length,
+        mut body,
+    } = outcome.response;
+    let written = http1::write_response(
+        writer,
+        &ResponseHead {
+            status,
+            headers: &headers,
+            length,
+            head_only: incoming.method.eq_ignore_ascii_case("HEAD"),
+            version: incoming.version,
+            keep_alive: false,
+        },
+        &mut *body,
+        copy_buf,
+    );
+    log_request(
+        shared,
+        incoming,
+        peer,
+        started,
+        Logged {
+            host: outcome.host,
+            status,
+            upstream: outcome.upstream,
+            bytes: written.body_bytes,
+            error: outcome.error.or(written.error),
+            ..Logged::default()
+        },
+    );
+}
+
+/// What a request's log line says beyond the request itself.
+#[derive(Default)]
+struct Logged {
+    host: String,
+    status: u16,
+    upstream: Option<String>,
+    bytes: u64,
+    bytes_to_backend: Option<u64>,
+    error: Option<String>,
+}
+
+fn log_request(
+    shared: &Shared,
+    incoming: &IncomingRequest,
+    peer: SocketAddr,
+    started: Instant,
+    logged: Logged,
+) {
+    shared.log.request(RequestRecord {
+        host: logged.host,
+        method: incoming.method.clone(),
+        path: incoming.target.clone(),
+        status: logged.status,
+        upstream: logged.upstream,
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        bytes: logged.bytes,
+        bytes_to_backend: logged.bytes_to_backend,
+        client_ip: Some(peer.ip().to_string()),
+        user_agent: header(&incoming.headers, "user-agent").map(str::to_string),
+        error: logged.error,
+    });
 }

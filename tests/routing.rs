@@ -75,6 +75,7 @@ fn client_details_reach_the_backend() {
         &[
             ("User-Agent", "router-test/1.0"),
             ("X-Forwarded-For", "203.0.113.9"),
+            ("X-Forwarded-Proto", "https"),
             ("X-Custom", "kept"),
         ],
         None,
@@ -87,10 +88,9 @@ fn client_details_reach_the_backend() {
         seen.header("user-agent").as_deref(),
         Some("router-test/1.0")
     );
-    assert_eq!(
-        seen.header("x-forwarded-for").as_deref(),
-        Some("203.0.113.9, 127.0.0.1")
-    );
+    // The client is not a trusted proxy: its forwarding headers are
+    // replaced by the router's own.
+    assert_eq!(seen.header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
     assert_eq!(seen.header("x-forwarded-proto").as_deref(), Some("http"));
     assert_eq!(
         seen.header("x-forwarded-host").as_deref(),
@@ -212,4 +212,39 @@ fn absolute_form_targets_route_by_their_authority() {
     );
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert_eq!(b.last_seen().url, "/p?q=1");
+}
+
+#[test]
+fn forwarding_headers_from_a_trusted_proxy_are_kept() {
+    let etcd = Etcd::start();
+    let b = Backend::start("b");
+    etcd.put(&format!("{D}/trust.example.com/b"), &b.url());
+    let router = Router::start(
+        &etcd.url(),
+        &["--trusted-proxies", "10.0.0.0/8,127.0.0.0/8"],
+    );
+    router.wait_backends("trust.example.com", &["b"]);
+    let r = request(
+        &router.addr(),
+        "GET",
+        "trust.example.com",
+        "/",
+        &[
+            ("X-Forwarded-For", "203.0.113.9"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "public.example.com"),
+        ],
+        None,
+    );
+    assert_eq!(r.status, 200);
+    let seen = b.last_seen();
+    assert_eq!(
+        seen.header("x-forwarded-for").as_deref(),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+    assert_eq!(seen.header("x-forwarded-proto").as_deref(), Some("https"));
+    assert_eq!(
+        seen.header("x-forwarded-host").as_deref(),
+        Some("public.example.com")
+    );
 }

@@ -747,6 +747,8 @@ pub struct Forwarder {
     /// frozen server that still accepts connections.
     pub frozen: Arc<std::sync::atomic::AtomicBool>,
     open: Arc<std::sync::atomic::AtomicBool>,
+    /// While set, the listening socket is closed: connections are refused.
+    refusing: Arc<std::sync::atomic::AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -761,16 +763,32 @@ impl Forwarder {
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
         let accepted = Arc::new(AtomicUsize::new(0));
         let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (o, s, c, a, f) = (
+        let refusing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (o, s, c, a, f, r) = (
             Arc::clone(&open),
             Arc::clone(&stop),
             Arc::clone(&conns),
             Arc::clone(&accepted),
             Arc::clone(&frozen),
+            Arc::clone(&refusing),
         );
         std::thread::spawn(move || {
+            let mut listener = Some(listener);
             while !s.load(Ordering::SeqCst) {
-                let client = match listener.accept() {
+                if r.load(Ordering::SeqCst) {
+                    listener = None;
+                } else if listener.is_none() {
+                    // std sets SO_REUSEADDR, so the port can be taken again.
+                    listener = TcpListener::bind(("127.0.0.1", port)).ok();
+                    if let Some(l) = &listener {
+                        l.set_nonblocking(true).unwrap();
+                    }
+                }
+                let Some(l) = &listener else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let client = match l.accept() {
                     Ok((client, _)) => client,
                     Err(_) => {
                         std::thread::sleep(Duration::from_millis(10));
@@ -821,6 +839,7 @@ impl Forwarder {
             accepted,
             frozen,
             open,
+            refusing,
             conns,
             stop,
         }
@@ -839,6 +858,27 @@ impl Forwarder {
 
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
+    }
+
+    /// Closes the listening socket, so connections are refused, as by a
+    /// backend that is down. Returns once a connection is refused.
+    pub fn refuse(&self) {
+        self.refusing.store(true, Ordering::SeqCst);
+        eventually("the forwarder to refuse connections", || {
+            TcpStream::connect(("127.0.0.1", self.port))
+                .err()
+                .map(|_| ())
+        });
+    }
+
+    /// Listens again on the same port.
+    pub fn listen_again(&self) {
+        self.refusing.store(false, Ordering::SeqCst);
+        eventually("the forwarder to listen again", || {
+            TcpStream::connect(("127.0.0.1", self.port))
+                .ok()
+                .map(|_| ())
+        });
     }
 }
 

@@ -1,0 +1,354 @@
+//! Upgraded connections (`Connection: Upgrade`: WebSocket, or any other
+//! protocol): the handshake with the backend, and after its `101` a
+//! byte-for-byte copy both ways until either side ends or both fall silent.
+//!
+//! ureq cannot hand over a connection after `101 Switching Protocols`, so
+//! this module speaks the little HTTP/1.1 the handshake needs on a socket
+//! of its own. It knows nothing of routing or header rules (`proxy` decides
+//! what is sent) and never pools: an upgrade connection is used once.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::backend::BackendError;
+use crate::health::now_ms;
+use crate::http1::BodyReader;
+use crate::proxy::{BodyFraming, field_from_bytes, field_to_bytes, header, header_values};
+
+/// A backend's response head, like a request head, is bounded.
+const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
+const MAX_RESPONSE_HEADERS: usize = 100;
+const BUFFER_BYTES: usize = 16 * 1024;
+const RELAY_STACK_BYTES: usize = 128 * 1024;
+
+/// How long the handshake may take.
+#[derive(Debug, Clone, Copy)]
+pub struct HandshakeTimeouts {
+    pub connect: Duration,
+    /// From the request sent to the whole response head.
+    pub response: Duration,
+    /// Longest wait for one write.
+    pub write: Duration,
+}
+
+/// The backend's answer to an upgrade request.
+pub struct Handshake {
+    pub status: u16,
+    /// As received; `proxy` filters them.
+    pub headers: Vec<(String, String)>,
+    /// The connection, positioned just after the response head.
+    conn: BufReader<TcpStream>,
+}
+
+/// Sends an upgrade request (which has no body) to `authority` and reads the
+/// answer's head. Interim answers other than `101` (`100`, `103`) are
+/// skipped. A [`BackendError::Connect`] means nothing was sent.
+pub fn handshake(
+    authority: &str,
+    head: &[u8],
+    timeouts: HandshakeTimeouts,
+) -> Result<Handshake, BackendError> {
+    let stream = connect(authority, timeouts.connect)?;
+    let failed = |what: &str, e: io::Error| {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            BackendError::Timeout {
+                detail: format!("{what}: {e}"),
+            }
+        } else {
+            BackendError::Failed {
+                detail: format!("{what}: {e}"),
+            }
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    stream
+        .set_write_timeout(Some(timeouts.write))
+        .and_then(|_| (&stream).write_all(head))
+        .map_err(|e| failed("sending the upgrade request", e))?;
+    let deadline = Instant::now() + timeouts.response;
+    let mut conn = BufReader::with_capacity(BUFFER_BYTES, stream);
+    loop {
+        let (status, headers) =
+            read_response_head(&mut conn, deadline).map_err(|e| failed("reading the answer", e))?;
+        if status == 101 || !(100..200).contains(&status) {
+            return Ok(Handshake {
+                status,
+                headers,
+                conn,
+            });
+        }
+    }
+}
+
+/// Resolves and connects, trying each address in turn.
+pub fn connect(authority: &str, timeout: Duration) -> Result<TcpStream, BackendError> {
+    let addrs: Vec<SocketAddr> = authority
+        .to_socket_addrs()
+        .map_err(|e| BackendError::Connect {
+            timed_out: false,
+            detail: format!("resolving {authority}: {e}"),
+        })?
+        .collect();
+    let mut last = BackendError::Connect {
+        timed_out: false,
+        detail: format!("{authority} resolves to no address"),
+    };
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                last = BackendError::Connect {
+                    timed_out: matches!(
+                        e.kind(),
+                        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                    ),
+                    detail: format!("connecting to {addr}: {e}"),
+                };
+            }
+        }
+    }
+    Err(last)
+}
+
+fn read_response_head(
+    conn: &mut BufReader<TcpStream>,
+    deadline: Instant,
+) -> io::Result<(u16, Vec<(String, String)>)> {
+    let mut head = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        conn.get_ref().set_read_timeout(Some(left))?;
+        let available = conn.fill_buf()?;
+        if available.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "backend closed the connection before a complete response head",
+            ));
+        }
+        let before = head.len();
+        head.extend_from_slice(available);
+        let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+        let mut resp = httparse::Response::new(&mut fields);
+        match resp.parse(&head) {
+            Ok(httparse::Status::Complete(len)) => {
+                conn.consume(len - before);
+                let headers = resp
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.to_string(), field_from_bytes(h.value)))
+                    .collect();
+                return Ok((resp.code.unwrap_or(0), headers));
+            }
+            Ok(httparse::Status::Partial) if head.len() <= MAX_RESPONSE_HEAD_BYTES => {
+                let n = head.len() - before;
+                conn.consume(n);
+            }
+            Ok(httparse::Status::Partial) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "response head too large",
+                ));
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad response head: {e}"),
+                ));
+            }
+        }
+    }
+}
+
+impl Handshake {
+    /// The body of an answer that is not `101`, for passing on; the
+    /// connection is not reused afterwards. `None` when the length is
+    /// unknown and the body ends when the backend closes.
+    pub fn into_body(
+        self,
+        head_request: bool,
+        body_timeout: Duration,
+    ) -> (Option<u64>, Box<dyn Read + Send>) {
+        let no_body = head_request || matches!(self.status, 100..=199 | 204 | 304);
+        let chunked = header_values(&self.headers, "transfer-encoding")
+            .any(|v| v.to_ascii_lowercase().contains("chunked"));
+        let length = header(&self.headers, "content-length").and_then(|v| v.trim().parse().ok());
+        let conn = self.conn;
+        let _ = conn.get_ref().set_read_timeout(Some(body_timeout));
+        if no_body {
+            return (length, Box::new(io::empty()));
+        }
+        if chunked {
+            let body = BodyReader::<_, io::Sink>::new(conn, BodyFraming::Chunked, None);
+            return (None, Box::new(body));
+        }
+        match length {
+            Some(n) => (
+                Some(n),
+                Box::new(BodyReader::<_, io::Sink>::new(
+                    conn,
+                    BodyFraming::Sized(n),
+                    None,
+                )),
+            ),
+            None => (None, Box::new(conn)),
+        }
+    }
+}
+
+/// How a tunnel ended.
+#[derive(Debug, Default)]
+pub struct Relayed {
+    pub to_backend: u64,
+    pub to_client: u64,
+    /// Why it ended, if not by both sides closing.
+    pub error: Option<String>,
+}
+
+/// Copies bytes both ways between the client and the backend until both
+/// directions have ended, or until nothing has moved either way for
+/// `idle`. `client_pending` holds bytes the client sent after its request
+/// head (already read off its socket). Uses one extra thread for the
+/// client-to-backend direction.
+pub fn relay(
+    client: &TcpStream,
+    client_pending: Vec<u8>,
+    handshake: Handshake,
+    idle: Duration,
+) -> Relayed {
+    let backend_pending = handshake.conn.buffer().to_vec();
+    let backend = handshake.conn.into_inner();
+    let (client_in, client_out, backend_in, backend_out) = match (
+        client.try_clone(),
+        client.try_clone(),
+        backend.try_clone(),
+        backend.try_clone(),
+    ) {
+        (Ok(a), Ok(b), Ok(c), Ok(d)) => (a, b, c, d),
+        _ => {
+            return Relayed {
+                error: Some("cannot clone the tunnel's sockets".into()),
+                ..Relayed::default()
+            };
+        }
+    };
+    // Reads wake up this often to see whether the whole tunnel is idle.
+    let poll = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    for s in [&client_in, &backend_in] {
+        let _ = s.set_read_timeout(Some(poll));
+        let _ = s.set_write_timeout(Some(idle));
+    }
+    let activity = Arc::new(AtomicU64::new(now_ms()));
+    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    let up = {
+        let activity = Arc::clone(&activity);
+        std::thread::Builder::new()
+            .name("tunnel".into())
+            .stack_size(RELAY_STACK_BYTES)
+            .spawn(move || pump(client_in, backend_out, client_pending, &activity, idle_ms))
+    };
+    let Ok(up) = up else {
+        let _ = backend.shutdown(Shutdown::Both);
+        return Relayed {
+            error: Some("cannot start the tunnel thread".into()),
+            ..Relayed::default()
+        };
+    };
+    let down = pump(backend_in, client_out, backend_pending, &activity, idle_ms);
+    let up = up.join().unwrap_or(Pumped {
+        bytes: 0,
+        error: Some("tunnel thread panicked".into()),
+    });
+    let _ = backend.shutdown(Shutdown::Both);
+    Relayed {
+        to_backend: up.bytes,
+        to_client: down.bytes,
+        error: down.error.or(up.error),
+    }
+}
+
+struct Pumped {
+    bytes: u64,
+    error: Option<String>,
+}
+
+/// One direction. On the reader's end the writer's side is half-closed, so
+/// the other direction can finish; on an error or idleness both sockets are
+/// shut, which ends the other direction too.
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    pending: Vec<u8>,
+    activity: &AtomicU64,
+    idle_ms: u64,
+) -> Pumped {
+    let mut bytes = 0u64;
+    let end = |from: &TcpStream, to: &TcpStream, bytes, why: String| {
+        let _ = from.shutdown(Shutdown::Both);
+        let _ = to.shutdown(Shutdown::Both);
+        Pumped {
+            bytes,
+            error: Some(why),
+        }
+    };
+    if !pending.is_empty() {
+        if let Err(e) = to.write_all(&pending) {
+            return end(&from, &to, bytes, format!("tunnel write failed: {e}"));
+        }
+        bytes += pending.len() as u64;
+    }
+    let mut buf = vec![0u8; BUFFER_BYTES];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => {
+                let _ = to.shutdown(Shutdown::Write);
+                return Pumped { bytes, error: None };
+            }
+            Ok(n) => {
+                if let Err(e) = to.write_all(&buf[..n]) {
+                    return end(&from, &to, bytes, format!("tunnel write failed: {e}"));
+                }
+                bytes += n as u64;
+                activity.store(now_ms(), Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                let quiet = now_ms().saturating_sub(activity.load(Ordering::Relaxed));
+                if quiet >= idle_ms {
+                    return end(&from, &to, bytes, "tunnel idle timeout".into());
+                }
+            }
+            Err(e) => return end(&from, &to, bytes, format!("tunnel read failed: {e}")),
+        }
+    }
+}
+
+/// The request head to send for an upgrade, from already filtered headers.
+pub fn request_head(method: &str, target: &str, headers: &[(String, String)]) -> Vec<u8> {
+    let mut head = Vec::with_capacity(512);
+    head.extend_from_slice(method.as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        head.extend_from_slice(name.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(&field_to_bytes(value));
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
