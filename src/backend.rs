@@ -46,6 +46,8 @@ pub enum BackendError {
     /// The request could not be expressed to the backend (e.g. a target the
     /// URL parser refuses).
     BadRequest { detail: String },
+    /// Reading the client's body failed while it was being sent.
+    ClientBody { detail: String },
 }
 
 impl fmt::Display for BackendError {
@@ -59,6 +61,9 @@ impl fmt::Display for BackendError {
             BackendError::Timeout { detail } => write!(f, "timed out: {detail}"),
             BackendError::Failed { detail } => write!(f, "failed: {detail}"),
             BackendError::BadRequest { detail } => write!(f, "bad request: {detail}"),
+            BackendError::ClientBody { detail } => {
+                write!(f, "client body failed while forwarding: {detail}")
+            }
         }
     }
 }

@@ -87,6 +87,7 @@ fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Resul
             .map_err(|e| format!("cannot install signal handler: {e}"))?;
     }
 
+    let fd_limit = raise_fd_limit();
     let table = Arc::new(routes::SharedTable::default());
     let t = config.timeouts;
     let client = backend::BackendClient::new(t.connect, t.response, t.body, config.workers);
@@ -134,8 +135,22 @@ fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Resul
             "trusted_proxies": config.trusted_proxies.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "eject_after": config.eject.after,
             "eject_for_secs": config.eject.duration_ms as f64 / 1000.0,
+            "fd_limit": fd_limit,
         }),
     );
+    // Each connection needs a descriptor, and one to its backend.
+    let needed = (config.workers as u64).saturating_mul(2).saturating_add(64);
+    if fd_limit.is_some_and(|limit| limit < needed) {
+        logger.event(
+            "service.warning",
+            json!({
+                "message": "the open-file limit is below what --workers needs: connections past it are refused by accept (raise LimitNOFILE or lower --workers)",
+                "fd_limit": fd_limit,
+                "workers": config.workers,
+                "needed": needed,
+            }),
+        );
+    }
 
     let stop_discovery = Arc::new(AtomicBool::new(false));
     let discovery = discovery::Discovery::new(
@@ -166,4 +181,33 @@ fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Resul
     );
     log_thread.shutdown();
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit, as Go programs
+/// do: the soft default (often 1024) is far below what `--workers`
+/// connections need, while the hard limit is what the operator allows.
+/// Returns the limit in force.
+fn raise_fd_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    // rlim_t is u64 on the targets built for, but not on every libc.
+    #[allow(clippy::unnecessary_cast)]
+    Some(limit.rlim_cur as u64)
 }

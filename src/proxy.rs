@@ -223,6 +223,10 @@ impl Proxy {
             Err(refused) => return *refused,
         };
         let headers = forward_headers(req, routed.raw_host, &self.settings.trusted_proxies);
+        let mut body = ClientBody {
+            inner: body,
+            failed: false,
+        };
         let result = self.attempt(&routed.host, |backend| {
             let path = format!("{}{}", backend.base_path, routed.path_and_query);
             let out = BackendRequest {
@@ -232,7 +236,14 @@ impl Proxy {
                 headers: &headers,
                 framing: req.framing,
             };
-            self.client.send(&out, body)
+            let sent = self.client.send(&out, &mut body);
+            match sent {
+                // The client's body broke, not the backend.
+                Err(e) if body.failed => Err(BackendError::ClientBody {
+                    detail: e.to_string(),
+                }),
+                other => other,
+            }
         });
         match result {
             // For HEAD the client's body is empty whatever the length says;
@@ -365,9 +376,29 @@ impl Proxy {
 
 /// Failures that say something about the backend: it refused, did not
 /// answer in time, or broke the exchange. (A request the client made
-/// unsendable does not.)
+/// unsendable, or a client whose upload broke off, does not.)
 fn counts_against_health(e: &BackendError) -> bool {
-    !matches!(e, BackendError::BadRequest { .. })
+    !matches!(
+        e,
+        BackendError::BadRequest { .. } | BackendError::ClientBody { .. }
+    )
+}
+
+/// The client's request body, noting whether reading it failed: a
+/// forwarding error is then the client's doing, not the backend's.
+struct ClientBody<'a> {
+    inner: &'a mut dyn Read,
+    failed: bool,
+}
+
+impl Read for ClientBody<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let result = self.inner.read(buf);
+        if result.is_err() {
+            self.failed = true;
+        }
+        result
+    }
 }
 
 /// `Connection: Upgrade` with an `Upgrade` header, in HTTP/1.1 (RFC 9110
@@ -536,6 +567,8 @@ fn backend_failure(host: &str, upstream: String, e: BackendError) -> Outcome {
         }
         | BackendError::Timeout { .. } => (504, "backend did not answer in time"),
         BackendError::BadRequest { .. } => (400, "request cannot be forwarded"),
+        // The server front replaces this answer with its own 400/408.
+        BackendError::ClientBody { .. } => (400, "request body incomplete"),
         _ => (502, "backend unavailable"),
     };
     let mut outcome = refuse(status, text, host);

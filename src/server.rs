@@ -334,7 +334,9 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     let mut first = true;
 
     loop {
-        if !first {
+        // Pipelined bytes already buffered are a request under way, not
+        // an idle connection to close at the cap.
+        if !first && reader.buffer().is_empty() {
             registered.set(KEEPALIVE_IDLE);
         }
         if shared.stop.load(Ordering::SeqCst) {

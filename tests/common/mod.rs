@@ -864,6 +864,9 @@ impl Forwarder {
     /// backend that is down. Returns once a connection is refused.
     pub fn refuse(&self) {
         self.refusing.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
         eventually("the forwarder to refuse connections", || {
             TcpStream::connect(("127.0.0.1", self.port))
                 .err()
@@ -871,13 +874,16 @@ impl Forwarder {
         });
     }
 
-    /// Listens again on the same port.
+    /// Listens again on the same port. Returns once the check connection
+    /// made here has been counted in `accepted`.
     pub fn listen_again(&self) {
+        let before = self.accepted.load(Ordering::SeqCst);
         self.refusing.store(false, Ordering::SeqCst);
-        eventually("the forwarder to listen again", || {
-            TcpStream::connect(("127.0.0.1", self.port))
-                .ok()
-                .map(|_| ())
+        let _check = eventually("the forwarder to listen again", || {
+            TcpStream::connect(("127.0.0.1", self.port)).ok()
+        });
+        eventually("the check connection to be accepted", || {
+            (self.accepted.load(Ordering::SeqCst) > before).then_some(())
         });
     }
 }
