@@ -48,6 +48,9 @@ pub enum BackendError {
     BadRequest { detail: String },
     /// Reading the client's body failed while it was being sent.
     ClientBody { detail: String },
+    /// The router itself ran out of something (file descriptors, local
+    /// ports): says nothing about the backend.
+    Local { detail: String },
 }
 
 impl fmt::Display for BackendError {
@@ -64,6 +67,7 @@ impl fmt::Display for BackendError {
             BackendError::ClientBody { detail } => {
                 write!(f, "client body failed while forwarding: {detail}")
             }
+            BackendError::Local { detail } => write!(f, "router out of resources: {detail}"),
         }
     }
 }
@@ -197,6 +201,13 @@ fn uri_safe(target: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// Out of file descriptors (EMFILE, ENFILE) or of local ports: the
+/// router's shortage, which must not be held against a backend.
+pub fn is_local_shortage(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+        || e.kind() == io::ErrorKind::AddrNotAvailable
+}
+
 fn classify(e: ureq::Error) -> BackendError {
     use ureq::{Error, Timeout};
     let detail = e.to_string();
@@ -210,6 +221,7 @@ fn classify(e: ureq::Error) -> BackendError {
             timed_out: true,
             detail,
         },
+        Error::Io(ref io) if is_local_shortage(io) => BackendError::Local { detail },
         // ureq's connector reports these from connect(), before any byte
         // of the request was written.
         Error::Io(ref io)
@@ -218,7 +230,6 @@ fn classify(e: ureq::Error) -> BackendError {
                 io::ErrorKind::ConnectionRefused
                     | io::ErrorKind::HostUnreachable
                     | io::ErrorKind::NetworkUnreachable
-                    | io::ErrorKind::AddrNotAvailable
             ) =>
         {
             BackendError::Connect {

@@ -85,6 +85,13 @@ impl BackendHealth {
         self.ejected_until_ms.load(Ordering::Acquire) != 0
     }
 
+    /// Whether [`BackendHealth::admits`] could say yes now, without
+    /// claiming a probe.
+    pub fn might_admit(&self, now: u64) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Acquire);
+        until == 0 || now >= until
+    }
+
     /// Records an answer. Returns true if this ends an ejection.
     pub fn succeeded(&self) -> bool {
         if self.failures_in_a_row.load(Ordering::Relaxed) != 0 {
@@ -102,10 +109,20 @@ impl BackendHealth {
             .failures_in_a_row
             .fetch_add(1, Ordering::Relaxed)
             .saturating_add(1);
-        if self.ejected_until_ms.load(Ordering::Acquire) != 0 {
-            self.ejected_until_ms
-                .store(deadline(now, policy), Ordering::Release);
-            return AfterFailure::StillEjected;
+        let until = self.ejected_until_ms.load(Ordering::Acquire);
+        if until != 0 {
+            // Only from the deadline seen: if a probe restored the backend
+            // meanwhile, this (older) failure is counted like any other.
+            match self.ejected_until_ms.compare_exchange(
+                until,
+                deadline(now, policy),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return AfterFailure::StillEjected,
+                Err(current) if current != 0 => return AfterFailure::StillEjected,
+                Err(_) => {}
+            }
         }
         if failures < policy.after {
             return AfterFailure::Counted;
@@ -180,6 +197,12 @@ impl RetryBudget {
     pub fn try_retry(&self, now: u64) -> bool {
         let second = now / 1000;
         let current = self.bucket(second);
+        // Taken first and given back if over: concurrent callers then
+        // cannot all pass the same check.
+        let this_second = current.retries.fetch_add(1, Ordering::AcqRel) + 1;
+        if this_second <= RETRY_BUDGET_MIN_PER_SEC {
+            return true;
+        }
         let (mut requests, mut retries) = (0u64, 0u64);
         for b in &self.buckets {
             let tag = b.second.load(Ordering::Acquire);
@@ -188,12 +211,11 @@ impl RetryBudget {
                 retries += u64::from(b.retries.load(Ordering::Relaxed));
             }
         }
-        let allowed = current.retries.load(Ordering::Relaxed) < RETRY_BUDGET_MIN_PER_SEC
-            || (retries + 1) as f64 <= RETRY_BUDGET_RATIO * requests as f64;
-        if allowed {
-            current.retries.fetch_add(1, Ordering::Relaxed);
+        if retries as f64 <= RETRY_BUDGET_RATIO * requests as f64 {
+            return true;
         }
-        allowed
+        current.retries.fetch_sub(1, Ordering::AcqRel);
+        false
     }
 }
 
@@ -230,6 +252,19 @@ mod tests {
         assert!(!h.is_ejected());
         assert!(h.admits(21_501, &POLICY));
         assert_eq!(h.failed(22_000, &POLICY), AfterFailure::Counted);
+    }
+
+    #[test]
+    fn a_late_failure_after_a_restore_is_counted_not_an_ejection() {
+        let h = BackendHealth::default();
+        for _ in 0..3 {
+            h.failed(0, &POLICY);
+        }
+        assert!(h.admits(10_000, &POLICY));
+        assert!(h.succeeded());
+        // A request that started before the restore fails now.
+        assert_eq!(h.failed(10_001, &POLICY), AfterFailure::Counted);
+        assert!(!h.is_ejected());
     }
 
     #[test]

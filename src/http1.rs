@@ -82,8 +82,12 @@ pub fn read_head<R: BufRead>(
     mut before_each_read: impl FnMut(bool) -> io::Result<()>,
 ) -> Result<RequestHead, HeadError> {
     let mut head: Vec<u8> = Vec::new();
+    // Empty lines skipped before the request line: they start the head's
+    // deadline (so sending one now and then cannot keep a connection open
+    // past the keep-alive timeout), but a head of nothing else is idle.
+    let mut skipped = 0usize;
     loop {
-        let waited = before_each_read(!head.is_empty());
+        let waited = before_each_read(!head.is_empty() || skipped > 0);
         let available = match waited.and_then(|_| reader.fill_buf()) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -107,6 +111,10 @@ pub fn read_head<R: BufRead>(
         } else {
             0
         };
+        skipped += skip;
+        if skipped > MAX_HEAD_BYTES {
+            return Err(HeadError::TooLarge);
+        }
         let before = head.len();
         let room = MAX_HEAD_BYTES + 1 - before;
         let data = &available[skip..];

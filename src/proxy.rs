@@ -226,6 +226,7 @@ impl Proxy {
         let mut body = ClientBody {
             inner: body,
             failed: false,
+            read: 0,
         };
         let result = self.attempt(&routed.host, |backend| {
             let path = format!("{}{}", backend.base_path, routed.path_and_query);
@@ -242,6 +243,11 @@ impl Proxy {
                 Err(e) if body.failed => Err(BackendError::ClientBody {
                     detail: e.to_string(),
                 }),
+                // Part of the body is gone: whatever the error says, this
+                // request cannot go anywhere else.
+                Err(BackendError::Connect { detail, .. }) if body.read > 0 => {
+                    Err(BackendError::Failed { detail })
+                }
                 other => other,
             }
         });
@@ -272,10 +278,29 @@ impl Proxy {
         for value in header_values(&req.headers, "upgrade") {
             headers.push(("Upgrade".into(), value.to_string()));
         }
+        let asked: Vec<String> = header_values(&req.headers, "upgrade")
+            .flat_map(|v| v.split(','))
+            .map(|p| protocol_name(p).to_ascii_lowercase())
+            .collect();
         let (handshake, upstream) = self.attempt(&routed.host, |backend| {
             let path = format!("{}{}", backend.base_path, routed.path_and_query);
             let head = tunnel::request_head(&req.method, &path, &headers);
-            tunnel::handshake(&backend.authority, &head, self.settings.handshake)
+            let answer = tunnel::handshake(&backend.authority, &head, self.settings.handshake)?;
+            // RFC 9110 §15.2.2: a 101 names the protocol switched to, one
+            // the client asked for. Anything else would hand the client a
+            // raw connection to a backend that never agreed to one.
+            if answer.status == 101 {
+                let switched = header(&answer.headers, "upgrade").map(protocol_name);
+                if !switched.is_some_and(|p| asked.contains(&p.to_ascii_lowercase())) {
+                    return Err(BackendError::Failed {
+                        detail: format!(
+                            "101 answer switches to {:?}, not a protocol the client asked for",
+                            switched.unwrap_or("nothing")
+                        ),
+                    });
+                }
+            }
+            Ok(answer)
         })?;
         Ok(Upgraded {
             handshake,
@@ -298,14 +323,18 @@ impl Proxy {
             return Err(Box::new(refuse(503, "no route for this host", host)));
         };
         let policy = &self.settings.eject;
-        let now = now_ms();
-        domain.budget().record_request(now);
+        domain.budget().record_request(now_ms());
         let mut tries = 0u32;
         let mut last_error: Option<(String, BackendError)> = None;
-        let mut candidates = domain.candidates(policy, now);
+        let mut candidates = domain.candidates(policy, now_ms);
         loop {
-            // The budget is asked before the next backend: asking an
-            // ejected backend claims its probe, which must not be wasted.
+            // The budget is asked before the next backend is taken: taking
+            // an ejected backend claims its probe, which must not be
+            // wasted. And only if there is a next backend, so that a retry
+            // never spent is never counted.
+            if tries > 0 && !candidates.may_have_more() {
+                break;
+            }
             if tries > 0 && !domain.budget().try_retry(now_ms()) {
                 let (url, e) = last_error.take().expect("a retry follows a failure");
                 let mut outcome = backend_failure(host, url, e);
@@ -374,13 +403,24 @@ impl Proxy {
     }
 }
 
+/// Headers that carry what a proxy says about the client: `Forwarded`,
+/// `X-Real-IP` and every `X-Forwarded-*` (`-For`, `-Proto`, `-Host`,
+/// `-Port`, `-Prefix`, ...), also spelt with underscores, which CGI, PHP
+/// and WSGI servers map to the same variable as the dashes.
+fn is_forwarding_header(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase().replace('_', "-");
+    lower == "forwarded" || lower == "x-real-ip" || lower.starts_with("x-forwarded-")
+}
+
 /// Failures that say something about the backend: it refused, did not
 /// answer in time, or broke the exchange. (A request the client made
 /// unsendable, or a client whose upload broke off, does not.)
 fn counts_against_health(e: &BackendError) -> bool {
     !matches!(
         e,
-        BackendError::BadRequest { .. } | BackendError::ClientBody { .. }
+        BackendError::BadRequest { .. }
+            | BackendError::ClientBody { .. }
+            | BackendError::Local { .. }
     )
 }
 
@@ -389,13 +429,16 @@ fn counts_against_health(e: &BackendError) -> bool {
 struct ClientBody<'a> {
     inner: &'a mut dyn Read,
     failed: bool,
+    /// Bytes handed to the backend client so far.
+    read: u64,
 }
 
 impl Read for ClientBody<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let result = self.inner.read(buf);
-        if result.is_err() {
-            self.failed = true;
+        match &result {
+            Ok(n) => self.read += *n as u64,
+            Err(_) => self.failed = true,
         }
         result
     }
@@ -410,6 +453,13 @@ pub fn is_upgrade(req: &IncomingRequest) -> bool {
         && req.framing == BodyFraming::None
         && header(&req.headers, "upgrade").is_some_and(|v| !v.trim().is_empty())
         && connection_tokens(&req.headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+/// `websocket` of `WebSocket/13`: the name of a protocol in an `Upgrade`
+/// list, version dropped.
+fn protocol_name(token: &str) -> &str {
+    let token = token.trim();
+    token.split('/').next().unwrap_or(token).trim()
 }
 
 /// The headers of a backend's `101`: its end-to-end headers and `Upgrade`,
@@ -475,12 +525,13 @@ fn is_hop_by_hop(name: &str, connection_tokens: &[&str]) -> bool {
 /// The headers sent to the backend: the client's end-to-end headers, its
 /// `Host` (as the original tool did), and the forwarding headers.
 ///
-/// Forwarding headers from a client are claims anyone can make, so they are
-/// believed only from a peer in `trusted` (another proxy in front of this
-/// one): from such a peer `X-Forwarded-For` is kept and the peer appended,
-/// and its `X-Forwarded-Proto`/`-Host` and `Forwarded` are kept. From any
-/// other peer they are dropped and replaced by the router's own values, so
-/// a backend never mistakes a client's say-so for an address.
+/// Forwarding headers (see [`is_forwarding_header`]) from a client are
+/// claims anyone can make, so they are believed only from a peer in
+/// `trusted` (another proxy in front of this one): from such a peer
+/// `X-Forwarded-For` is kept and the peer appended, and the others are
+/// kept. From any other peer they are all dropped and replaced by the
+/// router's own `X-Forwarded-For`/`-Proto`/`-Host`, so a backend never
+/// mistakes a client's say-so for an address.
 pub fn forward_headers(
     req: &IncomingRequest,
     raw_host: &str,
@@ -503,15 +554,7 @@ pub fn forward_headers(
         {
             continue;
         }
-        let forwarding = [
-            "x-forwarded-for",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "forwarded",
-        ]
-        .iter()
-        .any(|f| name.eq_ignore_ascii_case(f));
-        if forwarding {
+        if is_forwarding_header(name) {
             if !peer_trusted {
                 continue;
             }
@@ -569,6 +612,7 @@ fn backend_failure(host: &str, upstream: String, e: BackendError) -> Outcome {
         BackendError::BadRequest { .. } => (400, "request cannot be forwarded"),
         // The server front replaces this answer with its own 400/408.
         BackendError::ClientBody { .. } => (400, "request body incomplete"),
+        BackendError::Local { .. } => (503, "router out of resources"),
         _ => (502, "backend unavailable"),
     };
     let mut outcome = refuse(status, text, host);
@@ -672,10 +716,16 @@ mod tests {
             ("X-Forwarded-Proto", "https"),
             ("X-Forwarded-Host", "evil"),
             ("Forwarded", "for=10.0.0.1"),
+            ("X-Forwarded-Port", "443"),
+            ("X_Forwarded_For", "10.9.9.9"),
+            ("X-Real-IP", "10.9.9.9"),
             ("User-Agent", "test/1"),
         ]);
         let trusted = [Cidr::parse("10.0.0.0/8").unwrap()];
         let out = forward_headers(&r, "A.com:8080", &trusted);
+        for gone in ["x-forwarded-port", "x_forwarded_for", "x-real-ip"] {
+            assert!(get(&out, gone).is_empty(), "{gone}");
+        }
         assert_eq!(get(&out, "x-forwarded-for"), ["192.0.2.7"]);
         assert_eq!(get(&out, "x-forwarded-proto"), ["http"]);
         assert_eq!(get(&out, "x-forwarded-host"), ["A.com:8080"]);

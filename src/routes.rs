@@ -94,7 +94,11 @@ impl Domain {
     ///
     /// Lazy on purpose: asking an ejected backend whether it admits a probe
     /// claims the probe, so only backends actually tried are asked.
-    pub fn candidates<'a>(&'a self, policy: &'a EjectPolicy, now: u64) -> Candidates<'a> {
+    ///
+    /// `clock` gives the time (see [`crate::health::now_ms`]) each time a
+    /// backend is looked at: a request can spend seconds on connect
+    /// timeouts before it reaches the next one.
+    pub fn candidates<'a>(&'a self, policy: &'a EjectPolicy, clock: fn() -> u64) -> Candidates<'a> {
         let n = self.backends.len();
         let start = if n == 0 {
             0
@@ -104,7 +108,7 @@ impl Domain {
         Candidates {
             domain: self,
             policy,
-            now,
+            clock,
             start,
             next: 0,
             admitted: 0,
@@ -117,7 +121,7 @@ impl Domain {
 pub struct Candidates<'a> {
     domain: &'a Domain,
     policy: &'a EjectPolicy,
-    now: u64,
+    clock: fn() -> u64,
     start: usize,
     /// Offset from `start` of the next backend to look at.
     next: usize,
@@ -125,6 +129,22 @@ pub struct Candidates<'a> {
     admitted: usize,
     /// In the second pass, which offers every backend.
     fail_open: bool,
+}
+
+impl Candidates<'_> {
+    /// Whether [`Iterator::next`] may still offer a backend, asked without
+    /// claiming a probe: a retry is only worth its budget if there is
+    /// somewhere to send it.
+    pub fn may_have_more(&self) -> bool {
+        let d = self.domain;
+        let n = d.backends.len();
+        if self.fail_open {
+            return self.next < n;
+        }
+        let now = (self.clock)();
+        (self.next..n).any(|i| d.health[(self.start + i) % n].might_admit(now))
+            || (self.admitted == 0 && n > 0)
+    }
 }
 
 impl<'a> Iterator for Candidates<'a> {
@@ -143,7 +163,7 @@ impl<'a> Iterator for Candidates<'a> {
             }
             let at = (self.start + self.next) % n;
             self.next += 1;
-            if self.fail_open || d.health[at].admits(self.now, self.policy) {
+            if self.fail_open || d.health[at].admits((self.clock)(), self.policy) {
                 self.admitted += 1;
                 return Some(Candidate {
                     backend: &d.backends[at],
@@ -318,7 +338,7 @@ mod tests {
         (0..n)
             .map(|_| {
                 let d = t.lookup(host).expect("domain present");
-                d.candidates(&POLICY, 0)
+                d.candidates(&POLICY, || 0)
                     .next()
                     .expect("a backend")
                     .backend
@@ -428,7 +448,7 @@ mod tests {
             .map(|_| {
                 t.lookup("a.com")
                     .unwrap()
-                    .candidates(&POLICY, 0)
+                    .candidates(&POLICY, || 0)
                     .next()
                     .unwrap()
                     .backend
@@ -464,9 +484,9 @@ mod tests {
             &RouteTable::default(),
         );
         let d = t.lookup("a.com").unwrap();
-        d.candidates(&POLICY, 0).next();
+        d.candidates(&POLICY, || 0).next();
         let order: Vec<_> = d
-            .candidates(&POLICY, 0)
+            .candidates(&POLICY, || 0)
             .map(|c| c.backend.key.as_str())
             .collect();
         assert_eq!(order, ["/d/a.com/2", "/d/a.com/3", "/d/a.com/1"]);
@@ -480,13 +500,13 @@ mod tests {
         ];
         let t = table(&routes, &RouteTable::default());
         let d = t.lookup("a.com").unwrap();
-        let first = d.candidates(&POLICY, 0).next().unwrap();
+        let first = d.candidates(&POLICY, || 0).next().unwrap();
         assert_eq!(first.backend.key, "/d/a.com/1");
         first.health.failed(0, &POLICY);
         // Backend 1 is ejected: every request goes to 2, and only to 2.
         for _ in 0..3 {
             let keys: Vec<_> = d
-                .candidates(&POLICY, 10)
+                .candidates(&POLICY, || 10)
                 .map(|c| c.backend.key.clone())
                 .collect();
             assert_eq!(keys, ["/d/a.com/2"]);
@@ -494,20 +514,20 @@ mod tests {
         // The ejection survives a table rebuild.
         let t = table(&routes, &t);
         let d = t.lookup("a.com").unwrap();
-        let second = d.candidates(&POLICY, 20).next().unwrap();
+        let second = d.candidates(&POLICY, || 20).next().unwrap();
         assert_eq!(second.backend.key, "/d/a.com/2");
         second.health.failed(20, &POLICY);
         // Both ejected: both offered (fail open).
         assert!(d.all_ejected());
-        assert_eq!(d.candidates(&POLICY, 30).count(), 2);
+        assert_eq!(d.candidates(&POLICY, || 30).count(), 2);
         // Backend 1's time is up: it alone is offered (the probe), then
         // skipped by the next request while the probe runs.
         let probe: Vec<_> = d
-            .candidates(&POLICY, 1_000)
+            .candidates(&POLICY, || 1_000)
             .map(|c| c.backend.key.clone())
             .collect();
         assert_eq!(probe, ["/d/a.com/1"]);
-        assert_eq!(d.candidates(&POLICY, 1_001).count(), 2);
+        assert_eq!(d.candidates(&POLICY, || 1_001).count(), 2);
         // A changed URL is a new backend, with a clean record.
         let t = table(
             &[
@@ -518,7 +538,7 @@ mod tests {
         );
         let d = t.lookup("a.com").unwrap();
         let keys: Vec<_> = d
-            .candidates(&POLICY, 1_002)
+            .candidates(&POLICY, || 1_002)
             .map(|c| c.backend.key.clone())
             .collect();
         assert_eq!(keys, ["/d/a.com/1"]);

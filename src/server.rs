@@ -10,14 +10,17 @@
 //! serving a request costs that connection, never the process.
 
 use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, BufWriter};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use serde_json::json;
+
+use crate::health::now_ms;
 use crate::http1::{self, HeadError, ResponseHead};
 use crate::log::{Logger, RequestRecord};
 use crate::proxy::{
@@ -33,6 +36,8 @@ const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 /// How long the acceptor waits for a free slot before looking at the stop
 /// flag again (and closing another idle connection, if one appeared).
 const SLOT_POLL_MILLIS: u64 = 250;
+/// `server.saturated` is logged at most this often.
+const SATURATION_LOG_EVERY_MILLIS: u64 = 10_000;
 /// Closing a socket with unread input makes the kernel send a reset, which
 /// can destroy the answer before the client reads it; so after answering a
 /// request whose body was not read, input is read and dropped for a while
@@ -58,18 +63,28 @@ pub struct ServerSettings {
 }
 
 /// Where a connection is in its life, for shutdown and for making room at
-/// the connection cap.
+/// the connection cap. A connection that is not `ACTIVE` may be closed by
+/// another thread, which first moves it to `CLOSING`; the connection's own
+/// thread moves to `ACTIVE` with a compare-and-swap, so a request it has
+/// read is never lost to a close it did not see.
 const WAITING_FIRST: u8 = 0;
-/// Between requests with no byte of the next one: safe to close.
+/// Between requests with no byte of the next one.
 const KEEPALIVE_IDLE: u8 = 1;
 /// Reading a request or serving it.
 const ACTIVE: u8 = 2;
+/// Carrying an upgraded connection: closed at shutdown (it has no natural
+/// end to wait for).
+const TUNNEL: u8 = 3;
+/// Being closed by another thread.
+const CLOSING: u8 = 4;
 
 /// Shared by the acceptor and every connection thread.
 struct Shared {
     proxy: Arc<Proxy>,
     log: Logger,
     settings: ServerSettings,
+    /// When `server.saturated` was last logged ([`now_ms`]; 0: never).
+    saturation_logged_ms: AtomicU64,
     stop: AtomicBool,
     /// Requests being served (head read, answer not yet written).
     busy: AtomicUsize,
@@ -84,7 +99,40 @@ struct Shared {
 #[derive(Default)]
 struct Registry {
     next_id: u64,
-    conns: HashMap<u64, (TcpStream, Arc<AtomicU8>)>,
+    conns: HashMap<u64, (Arc<TcpStream>, Arc<AtomicU8>)>,
+}
+
+/// Moves `state` from `from` to `CLOSING` and shuts the socket, unless the
+/// connection's thread got there first.
+fn close_if(stream: &TcpStream, state: &AtomicU8, from: u8) -> bool {
+    let won = state
+        .compare_exchange(from, CLOSING, Ordering::SeqCst, Ordering::SeqCst)
+        .is_ok();
+    if won {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+    won
+}
+
+/// The client socket, shared by the reader, the writer and the registry:
+/// one descriptor per connection, not one per handle.
+#[derive(Clone)]
+struct Conn(Arc<TcpStream>);
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self.0).read(buf)
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        (&*self.0).flush()
+    }
 }
 
 /// A connection's entry in the registry, removed on drop.
@@ -95,19 +143,33 @@ struct Registered<'a> {
 }
 
 impl<'a> Registered<'a> {
-    fn new(shared: &'a Shared, stream: &TcpStream) -> Option<Registered<'a>> {
-        let clone = stream.try_clone().ok()?;
+    fn new(shared: &'a Shared, stream: &Arc<TcpStream>) -> Registered<'a> {
         let state = Arc::new(AtomicU8::new(WAITING_FIRST));
         let mut reg = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
         let id = reg.next_id;
         reg.next_id += 1;
-        reg.conns.insert(id, (clone, Arc::clone(&state)));
-        Some(Registered { shared, id, state })
+        reg.conns
+            .insert(id, (Arc::clone(stream), Arc::clone(&state)));
+        Registered { shared, id, state }
     }
 
-    fn set(&self, state: u8) {
-        if self.state.load(Ordering::Relaxed) != state {
-            self.state.store(state, Ordering::SeqCst);
+    /// Moves to `to`; false if another thread is closing the connection.
+    fn set(&self, to: u8) -> bool {
+        let mut now = self.state.load(Ordering::SeqCst);
+        loop {
+            if now == to {
+                return true;
+            }
+            if now == CLOSING {
+                return false;
+            }
+            match self
+                .state
+                .compare_exchange(now, to, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return true,
+                Err(seen) => now = seen,
+            }
         }
     }
 }
@@ -145,6 +207,7 @@ impl Server {
             proxy,
             log,
             settings,
+            saturation_logged_ms: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             busy: AtomicUsize::new(0),
             open: Mutex::new(0),
@@ -182,8 +245,8 @@ impl Server {
         };
         let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
         let _ = self.acceptor.join();
-        // Connections waiting for a next request are closed now; the others
-        // close after their current answer (which says so).
+        // Connections waiting for a request, and tunnels, are closed now;
+        // the others close after their current answer (which says so).
         {
             let reg = self
                 .shared
@@ -191,8 +254,8 @@ impl Server {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             for (stream, state) in reg.conns.values() {
-                if state.load(Ordering::SeqCst) != ACTIVE {
-                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                for from in [WAITING_FIRST, KEEPALIVE_IDLE, TUNNEL] {
+                    close_if(stream, state, from);
                 }
             }
         }
@@ -254,8 +317,22 @@ fn take_slot(shared: &Shared) -> bool {
             return false;
         }
         if Instant::now() >= next_eviction {
-            close_one_idle(shared);
+            let closed_idle = close_one_idle(shared);
             next_eviction = Instant::now() + Duration::from_secs(1);
+            let now = now_ms();
+            let last = shared.saturation_logged_ms.load(Ordering::Relaxed);
+            if last == 0 || now.saturating_sub(last) >= SATURATION_LOG_EVERY_MILLIS {
+                shared
+                    .saturation_logged_ms
+                    .store(now.max(1), Ordering::Relaxed);
+                shared.log.event(
+                    "server.saturated",
+                    json!({
+                        "max_connections": shared.settings.max_connections,
+                        "closed_idle": closed_idle,
+                    }),
+                );
+            }
         }
         open = shared
             .slot_freed
@@ -267,15 +344,12 @@ fn take_slot(shared: &Shared) -> bool {
     true
 }
 
-fn close_one_idle(shared: &Shared) {
+/// True if there was an idle connection to close.
+fn close_one_idle(shared: &Shared) -> bool {
     let reg = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((stream, _)) = reg
-        .conns
+    reg.conns
         .values()
-        .find(|(_, state)| state.load(Ordering::SeqCst) == KEEPALIVE_IDLE)
-    {
-        let _ = stream.shutdown(std::net::Shutdown::Both);
-    }
+        .any(|(stream, state)| close_if(stream, state, KEEPALIVE_IDLE))
 }
 
 fn release_slot(shared: &Shared) {
@@ -315,37 +389,31 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     let _ = stream.set_nodelay(true);
     let settings = shared.settings;
     let _ = stream.set_write_timeout(Some(settings.client_timeout));
-    let Some(registered) = Registered::new(shared, &stream) else {
-        return;
-    };
-    let Ok(read_half) = stream.try_clone() else {
-        return;
-    };
-    let Ok(timeout_handle) = stream.try_clone() else {
-        return;
-    };
+    let stream = Arc::new(stream);
+    let registered = Registered::new(shared, &stream);
     let mut timeout = ReadTimeout {
-        sock: &timeout_handle,
+        sock: &stream,
         current: None,
     };
-    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read_half);
-    let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, stream);
+    let conn = Conn(Arc::clone(&stream));
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, conn.clone());
+    let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, conn);
     let mut copy_buf = Vec::new();
     let mut first = true;
 
     loop {
         // Pipelined bytes already buffered are a request under way, not
         // an idle connection to close at the cap.
-        if !first && reader.buffer().is_empty() {
-            registered.set(KEEPALIVE_IDLE);
+        if !first && reader.buffer().is_empty() && !registered.set(KEEPALIVE_IDLE) {
+            return;
         }
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
         let mut head_deadline: Option<Instant> = None;
         let head = http1::read_head(&mut reader, |started| {
-            if started {
-                registered.set(ACTIVE);
+            if started && !registered.set(ACTIVE) {
+                return Err(io::ErrorKind::ConnectionAborted.into());
             }
             if started || first {
                 // All of the head by its deadline (the first request's from
@@ -377,7 +445,12 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
                 return;
             }
         };
-        registered.set(ACTIVE);
+        // Closed at the cap or at shutdown while the head came in: the
+        // request was never started, and the client sees a closed
+        // keep-alive connection, which it may retry.
+        if !registered.set(ACTIVE) {
+            return;
+        }
         first = false;
         shared.busy.fetch_add(1, Ordering::SeqCst);
         let _busy = BusyGuard(&shared.busy);
@@ -393,6 +466,19 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         match after {
             After::KeepAlive => {}
             After::Close => return,
+            After::Upgrade(request) => {
+                let (incoming, started) = *request;
+                let context = (peer, started);
+                serve_upgrade(
+                    &incoming,
+                    &mut reader,
+                    &mut writer,
+                    context,
+                    shared,
+                    &registered,
+                );
+                return;
+            }
             After::LingerAndClose => {
                 linger_close(&mut reader);
                 return;
@@ -401,12 +487,7 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     }
 }
 
-fn answer_bad_head(
-    writer: &mut BufWriter<TcpStream>,
-    peer: SocketAddr,
-    shared: &Shared,
-    e: &HeadError,
-) {
+fn answer_bad_head(writer: &mut BufWriter<Conn>, peer: SocketAddr, shared: &Shared, e: &HeadError) {
     let Some(status) = e.status() else {
         return;
     };
@@ -448,17 +529,19 @@ enum After {
     Close,
     /// The request body was not read: see [`LINGER_MAX_MILLIS`].
     LingerAndClose,
+    /// An upgrade request, to be served by [`serve_upgrade`].
+    Upgrade(Box<(IncomingRequest, Instant)>),
 }
 
-fn linger_close(reader: &mut BufReader<TcpStream>) {
-    let sock = reader.get_ref();
+fn linger_close(reader: &mut BufReader<Conn>) {
+    let sock = Arc::clone(&reader.get_ref().0);
     let _ = sock.shutdown(std::net::Shutdown::Write);
     let deadline = Instant::now() + Duration::from_millis(LINGER_MAX_MILLIS);
     let mut dropped = 0u64;
     let mut buf = [0u8; 8192];
     while dropped < LINGER_MAX_BYTES {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || reader.get_ref().set_read_timeout(Some(left)).is_err() {
+        if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
             return;
         }
         match std::io::Read::read(reader, &mut buf) {
@@ -471,8 +554,8 @@ fn linger_close(reader: &mut BufReader<TcpStream>) {
 /// Serves one request whose head has been read.
 fn serve_request(
     head: http1::RequestHead,
-    reader: &mut BufReader<TcpStream>,
-    writer: &mut BufWriter<TcpStream>,
+    reader: &mut BufReader<Conn>,
+    writer: &mut BufWriter<Conn>,
     timeout: &mut ReadTimeout<'_>,
     copy_buf: &mut Vec<u8>,
     peer: SocketAddr,
@@ -510,19 +593,12 @@ fn serve_request(
         let _ = timeout.set(shared.settings.client_timeout);
     }
     if framing.is_ok() && !unmet_expectation && crate::proxy::is_upgrade(&incoming) {
-        return serve_upgrade(&incoming, reader, writer, copy_buf, peer, shared, started);
+        return After::Upgrade(Box::new((incoming, started)));
     }
 
     // `100 Continue` goes straight to the socket (nothing is buffered in
     // the writer between requests).
-    let mut continue_sock = if expects_continue {
-        match writer.get_ref().try_clone() {
-            Ok(s) => Some(s),
-            Err(_) => return After::Close,
-        }
-    } else {
-        None
-    };
+    let mut continue_sock = expects_continue.then(|| writer.get_ref().clone());
     let (mut outcome, body_complete, body_error) = {
         let mut body = http1::BodyReader::new(reader, incoming.framing, continue_sock.as_mut());
         let outcome = match framing {
@@ -602,18 +678,19 @@ fn serve_request(
 /// connection is closed afterwards either way.
 fn serve_upgrade(
     incoming: &IncomingRequest,
-    reader: &mut BufReader<TcpStream>,
-    writer: &mut BufWriter<TcpStream>,
-    copy_buf: &mut Vec<u8>,
-    peer: SocketAddr,
+    reader: &mut BufReader<Conn>,
+    writer: &mut BufWriter<Conn>,
+    (peer, started): (SocketAddr, Instant),
     shared: &Shared,
-    started: Instant,
-) -> After {
+    registered: &Registered<'_>,
+) {
+    // A rare path: its own scratch buffer.
+    let copy_buf = &mut Vec::new();
     let upgraded = match shared.proxy.upgrade(incoming) {
         Ok(up) => up,
         Err(outcome) => {
             write_and_log(incoming, *outcome, writer, copy_buf, peer, shared, started);
-            return After::Close;
+            return;
         }
     };
     let status = upgraded.handshake.status;
@@ -622,13 +699,14 @@ fn serve_upgrade(
         let headers = crate::proxy::switching_headers(&upgraded.handshake.headers);
         match http1::write_switching_head(writer, &headers) {
             Err(e) => (0, Some(format!("writing the 101 head: {e}"))),
+            Ok(()) if !registered.set(TUNNEL) => (0, Some("closed at shutdown".into())),
             Ok(()) => {
                 // Bytes the client sent after its head belong to the new
                 // protocol.
                 let pending = reader.buffer().to_vec();
                 reader.consume(pending.len());
                 let relayed = tunnel::relay(
-                    writer.get_ref(),
+                    &writer.get_ref().0,
                     pending,
                     upgraded.handshake,
                     shared.settings.tunnel_timeout,
@@ -673,7 +751,6 @@ fn serve_upgrade(
             error,
         },
     );
-    After::Close
 }
 
 /// Writes the router's own answer (or a backend's, already converted) on a
@@ -681,7 +758,7 @@ fn serve_upgrade(
 fn write_and_log(
     incoming: &IncomingRequest,
     outcome: Outcome,
-    writer: &mut BufWriter<TcpStream>,
+    writer: &mut BufWriter<Conn>,
     copy_buf: &mut Vec<u8>,
     peer: SocketAddr,
     shared: &Shared,

@@ -102,6 +102,11 @@ pub fn connect(authority: &str, timeout: Duration) -> Result<TcpStream, BackendE
     for addr in addrs {
         match TcpStream::connect_timeout(&addr, timeout) {
             Ok(s) => return Ok(s),
+            Err(e) if crate::backend::is_local_shortage(&e) => {
+                return Err(BackendError::Local {
+                    detail: format!("connecting to {addr}: {e}"),
+                });
+            }
             Err(e) => {
                 last = BackendError::Connect {
                     timed_out: matches!(
@@ -219,27 +224,15 @@ pub struct Relayed {
 /// head (already read off its socket). Uses one extra thread for the
 /// client-to-backend direction.
 pub fn relay(
-    client: &TcpStream,
+    client: &Arc<TcpStream>,
     client_pending: Vec<u8>,
     handshake: Handshake,
     idle: Duration,
 ) -> Relayed {
     let backend_pending = handshake.conn.buffer().to_vec();
-    let backend = handshake.conn.into_inner();
-    let (client_in, client_out, backend_in, backend_out) = match (
-        client.try_clone(),
-        client.try_clone(),
-        backend.try_clone(),
-        backend.try_clone(),
-    ) {
-        (Ok(a), Ok(b), Ok(c), Ok(d)) => (a, b, c, d),
-        _ => {
-            return Relayed {
-                error: Some("cannot clone the tunnel's sockets".into()),
-                ..Relayed::default()
-            };
-        }
-    };
+    let backend = Arc::new(handshake.conn.into_inner());
+    let (client_in, client_out) = (Arc::clone(client), Arc::clone(client));
+    let (backend_in, backend_out) = (Arc::clone(&backend), Arc::clone(&backend));
     // Reads wake up this often to see whether the whole tunnel is idle.
     let poll = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     for s in [&client_in, &backend_in] {
@@ -284,8 +277,8 @@ struct Pumped {
 /// the other direction can finish; on an error or idleness both sockets are
 /// shut, which ends the other direction too.
 fn pump(
-    mut from: TcpStream,
-    mut to: TcpStream,
+    from: Arc<TcpStream>,
+    to: Arc<TcpStream>,
     pending: Vec<u8>,
     activity: &AtomicU64,
     idle_ms: u64,
@@ -300,20 +293,20 @@ fn pump(
         }
     };
     if !pending.is_empty() {
-        if let Err(e) = to.write_all(&pending) {
+        if let Err(e) = (&*to).write_all(&pending) {
             return end(&from, &to, bytes, format!("tunnel write failed: {e}"));
         }
         bytes += pending.len() as u64;
     }
     let mut buf = vec![0u8; BUFFER_BYTES];
     loop {
-        match from.read(&mut buf) {
+        match (&*from).read(&mut buf) {
             Ok(0) => {
                 let _ = to.shutdown(Shutdown::Write);
                 return Pumped { bytes, error: None };
             }
             Ok(n) => {
-                if let Err(e) = to.write_all(&buf[..n]) {
+                if let Err(e) = (&*to).write_all(&buf[..n]) {
                     return end(&from, &to, bytes, format!("tunnel write failed: {e}"));
                 }
                 bytes += n as u64;

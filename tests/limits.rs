@@ -188,6 +188,8 @@ fn at_the_cap_idle_connections_make_room_and_busy_ones_make_others_wait() {
         .collect();
     // A third client is served: an idle connection gives way.
     assert_eq!(router.get(HOST, "/").status, 200);
+    let saturated = router.wait_event("server.saturated", |_| true);
+    assert_eq!(saturated["max_connections"], 2);
     let closed = idle
         .iter_mut()
         .filter(|c| {
@@ -226,4 +228,26 @@ fn an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout() {
     // The answer, then the close (well before the test's 20 s timeout).
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(!answer.contains("Connection: close"), "{answer}");
+}
+
+#[test]
+fn empty_lines_do_not_keep_a_connection_open() {
+    let (_etcd, _b, router) = setup(&["--keepalive-timeout", "1", "--header-timeout", "2"]);
+    let mut c = TcpStream::connect(router.addr()).unwrap();
+    c.write_all(format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
+        .unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let mut closed = false;
+    // An empty line every 300 ms, each alone allowed before a request line.
+    for _ in 0..40 {
+        let _ = c.write_all(b"\r\n");
+        if let Ok(0) = c.read(&mut buf) {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "empty lines kept the connection open");
+    assert_eq!(router.get(HOST, "/").status, 200);
 }

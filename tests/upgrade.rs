@@ -310,11 +310,11 @@ fn a_refused_upgrade_gets_the_backends_answer() {
 
 #[test]
 fn an_idle_tunnel_is_closed_and_a_busy_one_is_not() {
-    let (_etcd, _ws, _other, router) = setup(&["--tunnel-timeout", "1"]);
-    // Busy: a message every 300 ms for 3 s, well past the idle timeout.
+    let (_etcd, _ws, _other, router) = setup(&["--tunnel-timeout", "3"]);
+    // Busy: a message every 300 ms for 5 s, well past the idle timeout.
     let mut busy = handshake(&router, HOST);
     assert!(busy.head.starts_with("HTTP/1.1 101 "), "{}", busy.head);
-    let until = Instant::now() + Duration::from_secs(3);
+    let until = Instant::now() + Duration::from_secs(5);
     while Instant::now() < until {
         busy.send(1, b"ping");
         assert_eq!(busy.receive().map(|f| f.1), Some(b"ping".to_vec()));
@@ -350,4 +350,45 @@ fn an_upgrade_to_a_dead_backend_fails_over_or_is_502() {
     }
     let c = handshake(&router, "dead.example.com");
     assert!(c.head.starts_with("HTTP/1.1 502 "), "{}", c.head);
+}
+
+#[test]
+fn a_101_for_a_protocol_nobody_asked_for_is_not_tunnelled() {
+    let etcd = Etcd::start();
+    let rogue = RawBackend::start(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+    );
+    etcd.put(&format!("{D}/rogue.example.com/r"), &rogue.url());
+    let router = Router::start(&etcd.url(), &[]);
+    common::eventually("the route", || {
+        (router.get("rogue.example.com", "/").status != 503).then_some(())
+    });
+    let c = handshake(&router, "rogue.example.com");
+    assert!(c.head.starts_with("HTTP/1.1 502 "), "{}", c.head);
+    let logged = router.wait_event("router.request", |e| {
+        e["host"] == "rogue.example.com" && e["status"] == 502
+    });
+    assert!(
+        logged["error"].as_str().unwrap_or("").contains("h2c"),
+        "{logged}"
+    );
+}
+
+#[test]
+fn tunnels_are_closed_at_shutdown_without_waiting_for_the_grace_period() {
+    let (_etcd, _ws, _other, mut router) = setup(&[]);
+    let mut client = handshake(&router, HOST);
+    assert!(client.head.starts_with("HTTP/1.1 101 "), "{}", client.head);
+    client.send(1, b"hello");
+    assert!(client.receive().is_some());
+    let asked = Instant::now();
+    router.signal("-TERM");
+    assert!(client.closed(), "the tunnel outlived the shutdown");
+    assert!(router.wait_exit().success());
+    // Well inside the 10 s grace period that requests in flight get.
+    assert!(
+        asked.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        asked.elapsed()
+    );
 }
