@@ -10,7 +10,7 @@
 //! serving a request costs that connection, never the process.
 
 use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
@@ -114,32 +114,18 @@ fn close_if(stream: &TcpStream, state: &AtomicU8, from: u8) -> bool {
     won
 }
 
-/// The client socket, shared by the reader, the writer and the registry:
-/// one descriptor per connection, not one per handle.
-#[derive(Clone)]
-struct Conn(Arc<TcpStream>);
-
-impl Read for Conn {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (&*self.0).read(buf)
-    }
-}
-
-impl Write for Conn {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        (&*self.0).write(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        (&*self.0).flush()
-    }
-}
-
 /// A connection's entry in the registry, removed on drop.
+///
+/// The socket is shared by the reader, the writer, the registry and a
+/// tunnel: one descriptor per connection, not one per handle. (Reading
+/// through `&TcpStream` also keeps std's uninitialised-buffer reads: a
+/// wrapper type would make `BufReader` zero its whole buffer, 16 KiB of
+/// memory touched for every idle connection.)
 struct Registered<'a> {
     shared: &'a Shared,
     id: u64,
     state: Arc<AtomicU8>,
+    stream: Arc<TcpStream>,
 }
 
 impl<'a> Registered<'a> {
@@ -150,7 +136,12 @@ impl<'a> Registered<'a> {
         reg.next_id += 1;
         reg.conns
             .insert(id, (Arc::clone(stream), Arc::clone(&state)));
-        Registered { shared, id, state }
+        Registered {
+            shared,
+            id,
+            state,
+            stream: Arc::clone(stream),
+        }
     }
 
     /// Moves to `to`; false if another thread is closing the connection.
@@ -395,9 +386,8 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         sock: &stream,
         current: None,
     };
-    let conn = Conn(Arc::clone(&stream));
-    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, conn.clone());
-    let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, conn);
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, &*stream);
+    let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, &*stream);
     let mut copy_buf = Vec::new();
     let mut first = true;
 
@@ -487,7 +477,12 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     }
 }
 
-fn answer_bad_head(writer: &mut BufWriter<Conn>, peer: SocketAddr, shared: &Shared, e: &HeadError) {
+fn answer_bad_head(
+    writer: &mut BufWriter<&TcpStream>,
+    peer: SocketAddr,
+    shared: &Shared,
+    e: &HeadError,
+) {
     let Some(status) = e.status() else {
         return;
     };
@@ -533,8 +528,8 @@ enum After {
     Upgrade(Box<(IncomingRequest, Instant)>),
 }
 
-fn linger_close(reader: &mut BufReader<Conn>) {
-    let sock = Arc::clone(&reader.get_ref().0);
+fn linger_close(reader: &mut BufReader<&TcpStream>) {
+    let sock = *reader.get_ref();
     let _ = sock.shutdown(std::net::Shutdown::Write);
     let deadline = Instant::now() + Duration::from_millis(LINGER_MAX_MILLIS);
     let mut dropped = 0u64;
@@ -554,8 +549,8 @@ fn linger_close(reader: &mut BufReader<Conn>) {
 /// Serves one request whose head has been read.
 fn serve_request(
     head: http1::RequestHead,
-    reader: &mut BufReader<Conn>,
-    writer: &mut BufWriter<Conn>,
+    reader: &mut BufReader<&TcpStream>,
+    writer: &mut BufWriter<&TcpStream>,
     timeout: &mut ReadTimeout<'_>,
     copy_buf: &mut Vec<u8>,
     peer: SocketAddr,
@@ -598,7 +593,7 @@ fn serve_request(
 
     // `100 Continue` goes straight to the socket (nothing is buffered in
     // the writer between requests).
-    let mut continue_sock = expects_continue.then(|| writer.get_ref().clone());
+    let mut continue_sock = expects_continue.then(|| *writer.get_ref());
     let (mut outcome, body_complete, body_error) = {
         let mut body = http1::BodyReader::new(reader, incoming.framing, continue_sock.as_mut());
         let outcome = match framing {
@@ -678,8 +673,8 @@ fn serve_request(
 /// connection is closed afterwards either way.
 fn serve_upgrade(
     incoming: &IncomingRequest,
-    reader: &mut BufReader<Conn>,
-    writer: &mut BufWriter<Conn>,
+    reader: &mut BufReader<&TcpStream>,
+    writer: &mut BufWriter<&TcpStream>,
     (peer, started): (SocketAddr, Instant),
     shared: &Shared,
     registered: &Registered<'_>,
@@ -706,7 +701,7 @@ fn serve_upgrade(
                 let pending = reader.buffer().to_vec();
                 reader.consume(pending.len());
                 let relayed = tunnel::relay(
-                    &writer.get_ref().0,
+                    &registered.stream,
                     pending,
                     upgraded.handshake,
                     shared.settings.tunnel_timeout,
@@ -758,7 +753,7 @@ fn serve_upgrade(
 fn write_and_log(
     incoming: &IncomingRequest,
     outcome: Outcome,
-    writer: &mut BufWriter<Conn>,
+    writer: &mut BufWriter<&TcpStream>,
     copy_buf: &mut Vec<u8>,
     peer: SocketAddr,
     shared: &Shared,
