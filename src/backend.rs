@@ -48,8 +48,8 @@ pub enum BackendError {
     BadRequest { detail: String },
     /// Reading the client's body failed while it was being sent.
     ClientBody { detail: String },
-    /// The router itself ran out of something (file descriptors, local
-    /// ports): says nothing about the backend.
+    /// The router itself ran out of file descriptors: says nothing about
+    /// the backend.
     Local { detail: String },
 }
 
@@ -201,11 +201,12 @@ fn uri_safe(target: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
-/// Out of file descriptors (EMFILE, ENFILE) or of local ports: the
-/// router's shortage, which must not be held against a backend.
+/// Out of file descriptors (EMFILE, ENFILE): the router's shortage, which
+/// must not be held against a backend. (Not `AddrNotAvailable`: that is
+/// also what an address family the host lacks gives, and another address
+/// or backend may well work.)
 pub fn is_local_shortage(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-        || e.kind() == io::ErrorKind::AddrNotAvailable
 }
 
 fn classify(e: ureq::Error) -> BackendError {
@@ -230,6 +231,7 @@ fn classify(e: ureq::Error) -> BackendError {
                 io::ErrorKind::ConnectionRefused
                     | io::ErrorKind::HostUnreachable
                     | io::ErrorKind::NetworkUnreachable
+                    | io::ErrorKind::AddrNotAvailable
             ) =>
         {
             BackendError::Connect {

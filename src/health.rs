@@ -105,25 +105,29 @@ impl BackendHealth {
 
     /// Records a refused, reset or timed-out attempt.
     pub fn failed(&self, now: u64, policy: &EjectPolicy) -> AfterFailure {
-        let failures = self
-            .failures_in_a_row
-            .fetch_add(1, Ordering::Relaxed)
-            .saturating_add(1);
+        // The ejection is read before the count moves: while ejected the
+        // count is past the threshold, and a restore between the two steps
+        // must not make this failure look like a fresh ejection.
         let until = self.ejected_until_ms.load(Ordering::Acquire);
         if until != 0 {
             // Only from the deadline seen: if a probe restored the backend
             // meanwhile, this (older) failure is counted like any other.
-            match self.ejected_until_ms.compare_exchange(
+            let renewed = self.ejected_until_ms.compare_exchange(
                 until,
                 deadline(now, policy),
                 Ordering::AcqRel,
                 Ordering::Acquire,
-            ) {
-                Ok(_) => return AfterFailure::StillEjected,
-                Err(current) if current != 0 => return AfterFailure::StillEjected,
-                Err(_) => {}
-            }
+            );
+            self.failures_in_a_row.fetch_add(1, Ordering::Relaxed);
+            return match renewed {
+                Err(0) => AfterFailure::Counted,
+                _ => AfterFailure::StillEjected,
+            };
         }
+        let failures = self
+            .failures_in_a_row
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
         if failures < policy.after {
             return AfterFailure::Counted;
         }
@@ -214,7 +218,10 @@ impl RetryBudget {
         if retries as f64 <= RETRY_BUDGET_RATIO * requests as f64 {
             return true;
         }
-        current.retries.fetch_sub(1, Ordering::AcqRel);
+        // Never below zero: the bucket may have been emptied meanwhile.
+        let _ = current
+            .retries
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1));
         false
     }
 }

@@ -462,18 +462,23 @@ pub struct Written {
     pub error: Option<String>,
 }
 
-/// Writes a `101 Switching Protocols` head as is: after it the connection
-/// belongs to the new protocol, so there is no framing and no
-/// `Connection: close` to add.
-pub fn write_switching_head<W: Write>(out: &mut W, headers: &[(String, String)]) -> io::Result<()> {
-    let mut head: Vec<u8> = Vec::with_capacity(256);
-    head.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\n");
+/// Appends `name: value` lines, values as the bytes they stand for.
+pub fn push_fields(head: &mut Vec<u8>, headers: &[(String, String)]) {
     for (name, value) in headers {
         head.extend_from_slice(name.as_bytes());
         head.extend_from_slice(b": ");
         head.extend_from_slice(&field_to_bytes(value));
         head.extend_from_slice(b"\r\n");
     }
+}
+
+/// Writes a `101 Switching Protocols` head as is: after it the connection
+/// belongs to the new protocol, so there is no framing and no
+/// `Connection: close` to add.
+pub fn write_switching_head<W: Write>(out: &mut W, headers: &[(String, String)]) -> io::Result<()> {
+    let mut head: Vec<u8> = Vec::with_capacity(256);
+    head.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\n");
+    push_fields(&mut head, headers);
     head.extend_from_slice(b"\r\n");
     out.write_all(&head)?;
     out.flush()
@@ -504,12 +509,7 @@ pub fn write_response<W: Write>(
     head.push(b' ');
     head.extend_from_slice(reason(resp.status).as_bytes());
     head.extend_from_slice(b"\r\n");
-    for (name, value) in resp.headers {
-        head.extend_from_slice(name.as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(&field_to_bytes(value));
-        head.extend_from_slice(b"\r\n");
-    }
+    push_fields(&mut head, resp.headers);
     if let Some(n) = resp.length {
         // RFC 9110 §8.6: never on 1xx/204; a 304 or HEAD may carry the
         // length of the body it stands for.

@@ -281,6 +281,7 @@ impl Proxy {
         let asked: Vec<String> = header_values(&req.headers, "upgrade")
             .flat_map(|v| v.split(','))
             .map(|p| protocol_name(p).to_ascii_lowercase())
+            .filter(|p| !p.is_empty())
             .collect();
         let (handshake, upstream) = self.attempt(&routed.host, |backend| {
             let path = format!("{}{}", backend.base_path, routed.path_and_query);
@@ -404,12 +405,22 @@ impl Proxy {
 }
 
 /// Headers that carry what a proxy says about the client: `Forwarded`,
-/// `X-Real-IP` and every `X-Forwarded-*` (`-For`, `-Proto`, `-Host`,
-/// `-Port`, `-Prefix`, ...), also spelt with underscores, which CGI, PHP
-/// and WSGI servers map to the same variable as the dashes.
+/// every `X-Forwarded-*` (`-For`, `-Proto`, `-Host`, `-Port`, `-Prefix`,
+/// ...), `X-Real-IP` and the other client-address headers, also spelt with
+/// underscores, which CGI, PHP and WSGI servers map to the same variable
+/// as the dashes.
 fn is_forwarding_header(name: &str) -> bool {
     let lower = name.to_ascii_lowercase().replace('_', "-");
-    lower == "forwarded" || lower == "x-real-ip" || lower.starts_with("x-forwarded-")
+    lower == "forwarded"
+        || lower.starts_with("x-forwarded-")
+        || [
+            "x-real-ip",
+            "client-ip",
+            "x-client-ip",
+            "true-client-ip",
+            "x-cluster-client-ip",
+        ]
+        .contains(&lower.as_str())
 }
 
 /// Failures that say something about the backend: it refused, did not
@@ -555,7 +566,11 @@ pub fn forward_headers(
             continue;
         }
         if is_forwarding_header(name) {
-            if !peer_trusted {
+            // Underscore spellings are dropped even from a trusted proxy:
+            // most pass client headers through untouched, so one of these
+            // would be the client's, read by CGI-style servers as the
+            // real thing.
+            if !peer_trusted || name.contains('_') {
                 continue;
             }
             if name.eq_ignore_ascii_case("x-forwarded-for") {
@@ -742,9 +757,13 @@ mod tests {
             ("X-Forwarded-For", "10.0.0.2"),
             ("X-Forwarded-Proto", "https"),
             ("Forwarded", "for=10.0.0.1"),
+            ("X_Forwarded_For", "10.6.6.6"),
         ]);
         let trusted = [Cidr::parse("192.0.2.0/24").unwrap()];
         let out = forward_headers(&r, "a.com", &trusted);
+        // Underscore spellings never pass: a proxy in front passes client
+        // headers through.
+        assert!(get(&out, "x_forwarded_for").is_empty());
         assert_eq!(
             get(&out, "x-forwarded-for"),
             ["10.0.0.1, 10.0.0.2, 192.0.2.7"]

@@ -624,39 +624,14 @@ fn serve_request(
         && body_complete
         && body_error.is_none()
         && !shared.stop.load(Ordering::SeqCst);
-    let ProxyResponse {
-        status,
-        headers,
-        length,
-        mut body,
-    } = outcome.response;
-    let written = http1::write_response(
-        writer,
-        &ResponseHead {
-            status,
-            headers: &headers,
-            length,
-            head_only: incoming.method.eq_ignore_ascii_case("HEAD"),
-            version: incoming.version,
-            keep_alive,
-        },
-        &mut *body,
-        copy_buf,
-    );
-
-    log_request(
-        shared,
+    let written = write_and_log(
         &incoming,
-        peer,
-        started,
-        Logged {
-            host: outcome.host,
-            status,
-            upstream: outcome.upstream,
-            bytes: written.body_bytes,
-            error: outcome.error.or(written.error),
-            ..Logged::default()
-        },
+        outcome,
+        keep_alive,
+        writer,
+        copy_buf,
+        (peer, started),
+        shared,
     );
     if written.reusable {
         After::KeepAlive
@@ -684,7 +659,8 @@ fn serve_upgrade(
     let upgraded = match shared.proxy.upgrade(incoming) {
         Ok(up) => up,
         Err(outcome) => {
-            write_and_log(incoming, *outcome, writer, copy_buf, peer, shared, started);
+            let context = (peer, started);
+            write_and_log(incoming, *outcome, false, writer, copy_buf, context, shared);
             return;
         }
     };
@@ -694,17 +670,23 @@ fn serve_upgrade(
         let headers = crate::proxy::switching_headers(&upgraded.handshake.headers);
         match http1::write_switching_head(writer, &headers) {
             Err(e) => (0, Some(format!("writing the 101 head: {e}"))),
-            Ok(()) if !registered.set(TUNNEL) => (0, Some("closed at shutdown".into())),
+            // Checked after the state is set: either the shutdown sweep
+            // sees TUNNEL, or this sees the stop flag (both SeqCst).
+            Ok(()) if !registered.set(TUNNEL) || shared.stop.load(Ordering::SeqCst) => {
+                (0, Some("closed at shutdown".into()))
+            }
             Ok(()) => {
                 // Bytes the client sent after its head belong to the new
                 // protocol.
                 let pending = reader.buffer().to_vec();
                 reader.consume(pending.len());
+                let state = Arc::clone(&registered.state);
                 let relayed = tunnel::relay(
                     &registered.stream,
                     pending,
                     upgraded.handshake,
                     shared.settings.tunnel_timeout,
+                    Arc::new(move || state.load(Ordering::SeqCst) == CLOSING),
                 );
                 bytes_to_backend = Some(relayed.to_backend);
                 (relayed.to_client, relayed.error)
@@ -748,24 +730,24 @@ fn serve_upgrade(
     );
 }
 
-/// Writes the router's own answer (or a backend's, already converted) on a
-/// connection that closes afterwards, and logs it.
+/// Writes an answer (the router's own or a backend's, already converted)
+/// and logs the request.
 fn write_and_log(
     incoming: &IncomingRequest,
     outcome: Outcome,
+    keep_alive: bool,
     writer: &mut BufWriter<&TcpStream>,
     copy_buf: &mut Vec<u8>,
-    peer: SocketAddr,
+    (peer, started): (SocketAddr, Instant),
     shared: &Shared,
-    started: Instant,
-) {
+) -> http1::Written {
     let ProxyResponse {
         status,
         headers,
         length,
         mut body,
     } = outcome.response;
-    let written = http1::write_response(
+    let mut written = http1::write_response(
         writer,
         &ResponseHead {
             status,
@@ -773,7 +755,7 @@ fn write_and_log(
             length,
             head_only: incoming.method.eq_ignore_ascii_case("HEAD"),
             version: incoming.version,
-            keep_alive: false,
+            keep_alive,
         },
         &mut *body,
         copy_buf,
@@ -788,10 +770,11 @@ fn write_and_log(
             status,
             upstream: outcome.upstream,
             bytes: written.body_bytes,
-            error: outcome.error.or(written.error),
+            error: outcome.error.or(written.error.take()),
             ..Logged::default()
         },
     );
+    written
 }
 
 /// What a request's log line says beyond the request itself.

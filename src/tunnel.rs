@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::backend::BackendError;
 use crate::health::now_ms;
 use crate::http1::BodyReader;
-use crate::proxy::{BodyFraming, field_from_bytes, field_to_bytes, header, header_values};
+use crate::proxy::{BodyFraming, field_from_bytes, header, header_values};
 
 /// A backend's response head, like a request head, is bounded.
 const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
@@ -209,6 +209,10 @@ impl Handshake {
     }
 }
 
+/// Asked about once a second by each direction: true ends the tunnel (the
+/// server is shutting down).
+pub type Cancelled = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// How a tunnel ended.
 #[derive(Debug, Default)]
 pub struct Relayed {
@@ -228,6 +232,7 @@ pub fn relay(
     client_pending: Vec<u8>,
     handshake: Handshake,
     idle: Duration,
+    cancelled: Cancelled,
 ) -> Relayed {
     let backend_pending = handshake.conn.buffer().to_vec();
     let backend = Arc::new(handshake.conn.into_inner());
@@ -243,10 +248,20 @@ pub fn relay(
     let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
     let up = {
         let activity = Arc::clone(&activity);
+        let cancelled = Arc::clone(&cancelled);
         std::thread::Builder::new()
             .name("tunnel".into())
             .stack_size(RELAY_STACK_BYTES)
-            .spawn(move || pump(client_in, backend_out, client_pending, &activity, idle_ms))
+            .spawn(move || {
+                pump(
+                    client_in,
+                    backend_out,
+                    client_pending,
+                    &activity,
+                    idle_ms,
+                    &*cancelled,
+                )
+            })
     };
     let Ok(up) = up else {
         let _ = backend.shutdown(Shutdown::Both);
@@ -255,7 +270,14 @@ pub fn relay(
             ..Relayed::default()
         };
     };
-    let down = pump(backend_in, client_out, backend_pending, &activity, idle_ms);
+    let down = pump(
+        backend_in,
+        client_out,
+        backend_pending,
+        &activity,
+        idle_ms,
+        &*cancelled,
+    );
     let up = up.join().unwrap_or(Pumped {
         bytes: 0,
         error: Some("tunnel thread panicked".into()),
@@ -282,6 +304,7 @@ fn pump(
     pending: Vec<u8>,
     activity: &AtomicU64,
     idle_ms: u64,
+    cancelled: &(dyn Fn() -> bool + Send + Sync),
 ) -> Pumped {
     let mut bytes = 0u64;
     let end = |from: &TcpStream, to: &TcpStream, bytes, why: String| {
@@ -323,6 +346,9 @@ fn pump(
                 if quiet >= idle_ms {
                     return end(&from, &to, bytes, "tunnel idle timeout".into());
                 }
+                if cancelled() {
+                    return end(&from, &to, bytes, "closed at shutdown".into());
+                }
             }
             Err(e) => return end(&from, &to, bytes, format!("tunnel read failed: {e}")),
         }
@@ -336,12 +362,7 @@ pub fn request_head(method: &str, target: &str, headers: &[(String, String)]) ->
     head.push(b' ');
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        head.extend_from_slice(name.as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(&field_to_bytes(value));
-        head.extend_from_slice(b"\r\n");
-    }
+    crate::http1::push_fields(&mut head, headers);
     head.extend_from_slice(b"\r\n");
     head
 }

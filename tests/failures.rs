@@ -146,13 +146,7 @@ fn a_backend_stalling_mid_body_is_cut_off_and_the_client_can_tell() {
     etcd.put(&format!("{D}/other.example.com/r"), &other.url());
     let router = Router::start(&etcd.url(), &["--body-timeout", "1"]);
     router.wait_backends("other.example.com", &["other"]);
-    eventually("the route", || {
-        router
-            .events_named("route.add")
-            .iter()
-            .any(|e| e["domain"] == HOST)
-            .then_some(())
-    });
+    router.wait_route(HOST);
     let mut conn = TcpStream::connect(router.addr()).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
@@ -186,13 +180,7 @@ fn a_removed_backend_finishes_the_requests_it_is_serving() {
     ]);
     etcd.put(&format!("{D}/{HOST}/r"), &slow.url());
     let router = Router::start(&etcd.url(), &[]);
-    eventually("the route", || {
-        router
-            .events_named("route.add")
-            .iter()
-            .any(|e| e["domain"] == HOST)
-            .then_some(())
-    });
+    router.wait_route(HOST);
     let conn = TcpStream::connect(router.addr()).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();

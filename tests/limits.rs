@@ -22,17 +22,6 @@ fn setup(extra: &[&str]) -> (Etcd, Backend, Router) {
     (etcd, b, router)
 }
 
-/// Current resident memory of a process (KiB).
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 fn threads(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|d| d.count())
@@ -134,7 +123,7 @@ fn a_thousand_half_sent_requests_cost_bounded_memory() {
     // main, accept, discovery and log; each connection adds one.
     let base_threads = 4;
     assert_eq!(router.get(HOST, "/").status, 200);
-    let before = rss_kib(pid);
+    let before = common::rss_kib(pid);
     let mut held = Vec::new();
     for i in 0..1000 {
         let mut conn = TcpStream::connect(router.addr()).unwrap();
@@ -156,7 +145,7 @@ fn a_thousand_half_sent_requests_cost_bounded_memory() {
     );
     // Others are still served, on the 1001st connection.
     assert_eq!(router.get(HOST, "/").status, 200);
-    let after = rss_kib(pid);
+    let after = common::rss_kib(pid);
     let per_conn = after.saturating_sub(before) as f64 / 1000.0;
     eprintln!("1000 half-sent requests: RSS {before} KiB -> {after} KiB ({per_conn:.1} KiB each)");
     assert!(

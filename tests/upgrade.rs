@@ -210,15 +210,7 @@ fn setup(extra: &[&str]) -> (Etcd, WsEcho, Backend, Router) {
     etcd.put(&format!("{D}/other.example.com/o"), &other.url());
     let router = Router::start(&etcd.url(), extra);
     router.wait_backends("other.example.com", &["other"]);
-    common::eventually("the ws route", || {
-        router
-            .lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("route.add") && l.contains(HOST))
-            .then_some(())
-    });
+    router.wait_route(HOST);
     (etcd, ws, other, router)
 }
 
@@ -374,16 +366,55 @@ fn a_101_for_a_protocol_nobody_asked_for_is_not_tunnelled() {
     );
 }
 
+/// A backend that accepts the upgrade, then holds the connection open and
+/// silent whatever the client does (even after the client has closed).
+fn sticky_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        while let Ok((conn, _)) = listener.accept() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                read_head(&mut reader);
+                let answer = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                     Connection: Upgrade\r\nSec-WebSocket-Accept: {ACCEPT}\r\n\r\n"
+                );
+                let _ = (&conn).write_all(answer.as_bytes());
+                std::thread::sleep(Duration::from_secs(60));
+                drop(conn);
+            });
+        }
+    });
+    addr
+}
+
 #[test]
 fn tunnels_are_closed_at_shutdown_without_waiting_for_the_grace_period() {
-    let (_etcd, _ws, _other, mut router) = setup(&[]);
-    let mut client = handshake(&router, HOST);
-    assert!(client.head.starts_with("HTTP/1.1 101 "), "{}", client.head);
-    client.send(1, b"hello");
-    assert!(client.receive().is_some());
+    let etcd = Etcd::start();
+    let ws = WsEcho::start();
+    let sticky = sticky_backend();
+    etcd.put(&format!("{D}/{HOST}/ws"), &ws.url());
+    etcd.put(
+        &format!("{D}/sticky.example.com/s"),
+        &format!("http://{sticky}"),
+    );
+    let mut router = Router::start(&etcd.url(), &[]);
+    router.wait_route(HOST);
+    router.wait_route("sticky.example.com");
+    let mut echo = handshake(&router, HOST);
+    assert!(echo.head.starts_with("HTTP/1.1 101 "), "{}", echo.head);
+    echo.send(1, b"hello");
+    assert!(echo.receive().is_some());
+    let mut held = handshake(&router, "sticky.example.com");
+    assert!(held.head.starts_with("HTTP/1.1 101 "), "{}", held.head);
     let asked = Instant::now();
     router.signal("-TERM");
-    assert!(client.closed(), "the tunnel outlived the shutdown");
+    assert!(echo.closed(), "the tunnel outlived the shutdown");
+    assert!(
+        held.closed(),
+        "the tunnel to a silent backend outlived the shutdown"
+    );
     assert!(router.wait_exit().success());
     // Well inside the 10 s grace period that requests in flight get.
     assert!(
@@ -391,4 +422,6 @@ fn tunnels_are_closed_at_shutdown_without_waiting_for_the_grace_period() {
         "{:?}",
         asked.elapsed()
     );
+    let stopped = router.events_named("service.stop");
+    assert_eq!(stopped[0]["unfinished_requests"], 0, "{stopped:?}");
 }

@@ -559,6 +559,12 @@ impl Router {
     }
 
     /// Waits for a log event named `name` for which `pred` holds.
+    /// Waits until a route for `domain` has been added (without sending it
+    /// a request, which some tests' backends answer only once).
+    pub fn wait_route(&self, domain: &str) {
+        self.wait_event("route.add", |e| e["domain"] == domain);
+    }
+
     pub fn wait_event(&self, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
         eventually(&format!("log event {name}"), || {
             self.events_named(name).into_iter().find(|e| pred(e))
@@ -725,10 +731,19 @@ pub fn raw_exchange(addr: &str, raw: &[u8], timeout: Duration) -> String {
 
 /// Peak resident memory of a process, from /proc (KiB).
 pub fn peak_rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+/// Current resident memory of a process (KiB).
+pub fn rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
