@@ -695,24 +695,24 @@ fn serve_upgrade(
     } else {
         // Refused (or ignored): an ordinary answer, passed on.
         let headers = crate::proxy::response_headers(upgraded.handshake.headers.clone());
-        let (length, mut body) = upgraded.handshake.into_body(
+        let (length, body) = upgraded.handshake.into_body(
             incoming.method.eq_ignore_ascii_case("HEAD"),
             shared.proxy.settings().body_timeout,
         );
-        let written = http1::write_response(
-            writer,
-            &ResponseHead {
+        let outcome = Outcome {
+            response: ProxyResponse {
                 status,
-                headers: &headers,
+                headers,
                 length,
-                head_only: incoming.method.eq_ignore_ascii_case("HEAD"),
-                version: incoming.version,
-                keep_alive: false,
+                body,
             },
-            &mut *body,
-            copy_buf,
-        );
-        (written.body_bytes, written.error)
+            host: upgraded.host,
+            upstream: Some(upgraded.upstream),
+            error: None,
+        };
+        let context = (peer, started);
+        write_and_log(incoming, outcome, false, writer, copy_buf, context, shared);
+        return;
     };
     log_request(
         shared,
