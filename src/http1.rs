@@ -66,7 +66,8 @@ impl HeadError {
     }
 }
 
-fn is_timeout(e: &io::Error) -> bool {
+/// A read or write timeout, whichever kind the platform reports.
+pub fn is_timeout(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut

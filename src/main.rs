@@ -97,9 +97,8 @@ fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Resul
         handshake: tunnel::HandshakeTimeouts {
             connect: t.connect,
             response: t.response,
-            write: t.body,
+            body: t.body,
         },
-        body_timeout: t.body,
     };
     let proxy = Arc::new(proxy::Proxy::new(
         Arc::clone(&table),

@@ -14,7 +14,6 @@
 use std::io::{Cursor, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::json;
 
@@ -137,7 +136,6 @@ pub struct ProxySettings {
     pub trusted_proxies: Vec<Cidr>,
     /// For upgrade handshakes, which do not go through the pooled client.
     pub handshake: HandshakeTimeouts,
-    pub body_timeout: Duration,
 }
 
 pub struct Proxy {
@@ -164,6 +162,26 @@ pub struct Upgraded {
     pub upstream: String,
 }
 
+impl Upgraded {
+    /// An answer other than `101`, to pass on like any response.
+    pub fn into_outcome(self, head_request: bool) -> Outcome {
+        let status = self.handshake.status;
+        let headers = response_headers(self.handshake.headers.clone());
+        let (length, body) = self.handshake.into_body(head_request);
+        Outcome {
+            response: ProxyResponse {
+                status,
+                headers,
+                length,
+                body,
+            },
+            host: self.host,
+            upstream: Some(self.upstream),
+            error: None,
+        }
+    }
+}
+
 impl Proxy {
     pub fn new(
         table: Arc<SharedTable>,
@@ -179,10 +197,6 @@ impl Proxy {
         }
     }
 
-    pub fn settings(&self) -> &ProxySettings {
-        &self.settings
-    }
-
     /// Checks the target and the host (RFC 9112 §3.2).
     fn route<'r>(&self, req: &'r IncomingRequest) -> Result<Routed<'r>, Box<Outcome>> {
         let Some(target) = RequestTarget::parse(&req.target) else {
@@ -193,7 +207,7 @@ impl Proxy {
             )));
         };
         let host_values: Vec<&str> = header_values(&req.headers, "host").collect();
-        // More than one Host, or none in HTTP/1.1, is a 400.
+        // RFC 9112 §3.2: more than one Host, or none in HTTP/1.1, is a 400.
         if host_values.len() > 1 {
             return Err(Box::new(refuse(
                 400,
@@ -326,6 +340,7 @@ impl Proxy {
         let policy = &self.settings.eject;
         domain.budget().record_request(now_ms());
         let mut tries = 0u32;
+        let mut budget_spent = false;
         let mut last_error: Option<(String, BackendError)> = None;
         let mut candidates = domain.candidates(policy, now_ms);
         loop {
@@ -337,12 +352,8 @@ impl Proxy {
                 break;
             }
             if tries > 0 && !domain.budget().try_retry(now_ms()) {
-                let (url, e) = last_error.take().expect("a retry follows a failure");
-                let mut outcome = backend_failure(host, url, e);
-                if let Some(error) = &mut outcome.error {
-                    error.push_str(&format!(" (retry budget spent after {tries} tries)"));
-                }
-                return Err(Box::new(outcome));
+                budget_spent = true;
+                break;
             }
             let Some(candidate) = candidates.next() else {
                 break;
@@ -373,10 +384,14 @@ impl Proxy {
                 }
             }
         }
-        Err(Box::new(match last_error {
+        let mut outcome = match last_error {
             Some((url, e)) => backend_failure(host, url, e),
             None => refuse(503, "no route for this host", host),
-        }))
+        };
+        if budget_spent && let Some(error) = &mut outcome.error {
+            error.push_str(&format!(" (retry budget spent after {tries} tries)"));
+        }
+        Err(Box::new(outcome))
     }
 
     fn record_failure(
@@ -867,9 +882,8 @@ mod tests {
                 handshake: HandshakeTimeouts {
                     connect: second,
                     response: second,
-                    write: second,
+                    body: second,
                 },
-                body_timeout: second,
             },
             Logger::discard(),
         );

@@ -460,7 +460,7 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
                 let (incoming, started) = *request;
                 let context = (peer, started);
                 serve_upgrade(
-                    &incoming,
+                    incoming,
                     &mut reader,
                     &mut writer,
                     context,
@@ -625,7 +625,7 @@ fn serve_request(
         && body_error.is_none()
         && !shared.stop.load(Ordering::SeqCst);
     let written = write_and_log(
-        &incoming,
+        incoming,
         outcome,
         keep_alive,
         writer,
@@ -647,98 +647,69 @@ fn serve_request(
 /// until either side ends it; any other answer is passed on as usual. The
 /// connection is closed afterwards either way.
 fn serve_upgrade(
-    incoming: &IncomingRequest,
+    incoming: IncomingRequest,
     reader: &mut BufReader<&TcpStream>,
     writer: &mut BufWriter<&TcpStream>,
-    (peer, started): (SocketAddr, Instant),
+    context: (SocketAddr, Instant),
     shared: &Shared,
     registered: &Registered<'_>,
 ) {
     // A rare path: its own scratch buffer.
     let copy_buf = &mut Vec::new();
-    let upgraded = match shared.proxy.upgrade(incoming) {
-        Ok(up) => up,
+    let upgraded = match shared.proxy.upgrade(&incoming) {
+        Ok(up) if up.handshake.status == 101 => up,
+        Ok(refused) => {
+            // Refused (or ignored): an ordinary answer, passed on.
+            let outcome = refused.into_outcome(incoming.method.eq_ignore_ascii_case("HEAD"));
+            write_and_log(incoming, outcome, false, writer, copy_buf, context, shared);
+            return;
+        }
         Err(outcome) => {
-            let context = (peer, started);
             write_and_log(incoming, *outcome, false, writer, copy_buf, context, shared);
             return;
         }
     };
-    let status = upgraded.handshake.status;
-    let mut bytes_to_backend = None;
-    let (bytes, error) = if status == 101 {
-        let headers = crate::proxy::switching_headers(&upgraded.handshake.headers);
-        match http1::write_switching_head(writer, &headers) {
-            Err(e) => (0, Some(format!("writing the 101 head: {e}"))),
-            // Checked after the state is set: either the shutdown sweep
-            // sees TUNNEL, or this sees the stop flag (both SeqCst).
-            Ok(()) if !registered.set(TUNNEL) || shared.stop.load(Ordering::SeqCst) => {
-                (0, Some("closed at shutdown".into()))
-            }
-            Ok(()) => {
-                // Bytes the client sent after its head belong to the new
-                // protocol.
-                let pending = reader.buffer().to_vec();
-                reader.consume(pending.len());
-                let state = Arc::clone(&registered.state);
-                let relayed = tunnel::relay(
-                    &registered.stream,
-                    pending,
-                    upgraded.handshake,
-                    shared.settings.tunnel_timeout,
-                    Arc::new(move || state.load(Ordering::SeqCst) == CLOSING),
-                );
-                bytes_to_backend = Some(relayed.to_backend);
-                (relayed.to_client, relayed.error)
-            }
-        }
-    } else {
-        // Refused (or ignored): an ordinary answer, passed on.
-        let headers = crate::proxy::response_headers(upgraded.handshake.headers.clone());
-        let (length, body) = upgraded.handshake.into_body(
-            incoming.method.eq_ignore_ascii_case("HEAD"),
-            shared.proxy.settings().body_timeout,
-        );
-        let outcome = Outcome {
-            response: ProxyResponse {
-                status,
-                headers,
-                length,
-                body,
-            },
-            host: upgraded.host,
-            upstream: Some(upgraded.upstream),
-            error: None,
-        };
-        let context = (peer, started);
-        write_and_log(incoming, outcome, false, writer, copy_buf, context, shared);
-        return;
+    let headers = crate::proxy::switching_headers(&upgraded.handshake.headers);
+    let mut logged = Logged {
+        host: upgraded.host,
+        status: 101,
+        upstream: Some(upgraded.upstream),
+        ..Logged::default()
     };
-    log_request(
-        shared,
-        incoming,
-        peer,
-        started,
-        Logged {
-            host: upgraded.host,
-            status,
-            upstream: Some(upgraded.upstream),
-            bytes,
-            bytes_to_backend,
-            error,
-        },
-    );
+    if let Err(e) = http1::write_switching_head(writer, &headers) {
+        logged.error = Some(format!("writing the 101 head: {e}"));
+    } else if !registered.set(TUNNEL) || shared.stop.load(Ordering::SeqCst) {
+        // Checked after the state is set: either the shutdown sweep sees
+        // TUNNEL, or this sees the stop flag (both SeqCst).
+        logged.error = Some("closed at shutdown".into());
+    } else {
+        // Bytes the client sent after its head belong to the new protocol.
+        let pending = reader.buffer().to_vec();
+        reader.consume(pending.len());
+        let state = Arc::clone(&registered.state);
+        let relayed = tunnel::relay(
+            &registered.stream,
+            pending,
+            upgraded.handshake,
+            shared.settings.tunnel_timeout,
+            Arc::new(move || state.load(Ordering::SeqCst) == CLOSING),
+        );
+        logged.bytes = relayed.to_client;
+        logged.bytes_to_backend = Some(relayed.to_backend);
+        logged.error = relayed.error;
+    }
+    log_request(shared, incoming, context, logged);
 }
 
 /// Writes an answer (the router's own or a backend's, already converted)
 /// and logs the request.
 fn write_and_log(
-    incoming: &IncomingRequest,
+    incoming: IncomingRequest,
     outcome: Outcome,
     keep_alive: bool,
     writer: &mut BufWriter<&TcpStream>,
     copy_buf: &mut Vec<u8>,
-    (peer, started): (SocketAddr, Instant),
+    context: (SocketAddr, Instant),
     shared: &Shared,
 ) -> http1::Written {
     let ProxyResponse {
@@ -760,20 +731,15 @@ fn write_and_log(
         &mut *body,
         copy_buf,
     );
-    log_request(
-        shared,
-        incoming,
-        peer,
-        started,
-        Logged {
-            host: outcome.host,
-            status,
-            upstream: outcome.upstream,
-            bytes: written.body_bytes,
-            error: outcome.error.or(written.error.take()),
-            ..Logged::default()
-        },
-    );
+    let logged = Logged {
+        host: outcome.host,
+        status,
+        upstream: outcome.upstream,
+        bytes: written.body_bytes,
+        bytes_to_backend: None,
+        error: outcome.error.or(written.error.take()),
+    };
+    log_request(shared, incoming, context, logged);
     written
 }
 
@@ -790,15 +756,14 @@ struct Logged {
 
 fn log_request(
     shared: &Shared,
-    incoming: &IncomingRequest,
-    peer: SocketAddr,
-    started: Instant,
+    incoming: IncomingRequest,
+    (peer, started): (SocketAddr, Instant),
     logged: Logged,
 ) {
     shared.log.request(RequestRecord {
         host: logged.host,
-        method: incoming.method.clone(),
-        path: incoming.target.clone(),
+        method: incoming.method,
+        path: incoming.target,
         status: logged.status,
         upstream: logged.upstream,
         duration_ms: started.elapsed().as_secs_f64() * 1000.0,

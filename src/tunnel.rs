@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::BackendError;
 use crate::health::now_ms;
-use crate::http1::BodyReader;
+use crate::http1::{BodyReader, is_timeout};
 use crate::proxy::{BodyFraming, field_from_bytes, header, header_values};
 
 /// A backend's response head, like a request head, is bounded.
@@ -30,8 +30,9 @@ pub struct HandshakeTimeouts {
     pub connect: Duration,
     /// From the request sent to the whole response head.
     pub response: Duration,
-    /// Longest wait for one write.
-    pub write: Duration,
+    /// Longest silence on the connection: a write of the request, or a
+    /// read of a refused upgrade's body.
+    pub body: Duration,
 }
 
 /// The backend's answer to an upgrade request.
@@ -41,6 +42,7 @@ pub struct Handshake {
     pub headers: Vec<(String, String)>,
     /// The connection, positioned just after the response head.
     conn: BufReader<TcpStream>,
+    body_timeout: Duration,
 }
 
 /// Sends an upgrade request (which has no body) to `authority` and reads the
@@ -53,10 +55,7 @@ pub fn handshake(
 ) -> Result<Handshake, BackendError> {
     let stream = connect(authority, timeouts.connect)?;
     let failed = |what: &str, e: io::Error| {
-        if matches!(
-            e.kind(),
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-        ) {
+        if is_timeout(&e) {
             BackendError::Timeout {
                 detail: format!("{what}: {e}"),
             }
@@ -68,7 +67,7 @@ pub fn handshake(
     };
     let _ = stream.set_nodelay(true);
     stream
-        .set_write_timeout(Some(timeouts.write))
+        .set_write_timeout(Some(timeouts.body))
         .and_then(|_| (&stream).write_all(head))
         .map_err(|e| failed("sending the upgrade request", e))?;
     let deadline = Instant::now() + timeouts.response;
@@ -81,13 +80,14 @@ pub fn handshake(
                 status,
                 headers,
                 conn,
+                body_timeout: timeouts.body,
             });
         }
     }
 }
 
 /// Resolves and connects, trying each address in turn.
-pub fn connect(authority: &str, timeout: Duration) -> Result<TcpStream, BackendError> {
+fn connect(authority: &str, timeout: Duration) -> Result<TcpStream, BackendError> {
     let addrs: Vec<SocketAddr> = authority
         .to_socket_addrs()
         .map_err(|e| BackendError::Connect {
@@ -109,10 +109,7 @@ pub fn connect(authority: &str, timeout: Duration) -> Result<TcpStream, BackendE
             }
             Err(e) => {
                 last = BackendError::Connect {
-                    timed_out: matches!(
-                        e.kind(),
-                        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-                    ),
+                    timed_out: is_timeout(&e),
                     detail: format!("connecting to {addr}: {e}"),
                 };
             }
@@ -177,17 +174,13 @@ impl Handshake {
     /// The body of an answer that is not `101`, for passing on; the
     /// connection is not reused afterwards. `None` when the length is
     /// unknown and the body ends when the backend closes.
-    pub fn into_body(
-        self,
-        head_request: bool,
-        body_timeout: Duration,
-    ) -> (Option<u64>, Box<dyn Read + Send>) {
+    pub fn into_body(self, head_request: bool) -> (Option<u64>, Box<dyn Read + Send>) {
         let no_body = head_request || matches!(self.status, 100..=199 | 204 | 304);
         let chunked = header_values(&self.headers, "transfer-encoding")
             .any(|v| v.to_ascii_lowercase().contains("chunked"));
         let length = header(&self.headers, "content-length").and_then(|v| v.trim().parse().ok());
         let conn = self.conn;
-        let _ = conn.get_ref().set_read_timeout(Some(body_timeout));
+        let _ = conn.get_ref().set_read_timeout(Some(self.body_timeout));
         if no_body {
             return (length, Box::new(io::empty()));
         }
@@ -336,12 +329,7 @@ fn pump(
                 activity.store(now_ms(), Ordering::Relaxed);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if is_timeout(&e) => {
                 let quiet = now_ms().saturating_sub(activity.load(Ordering::Relaxed));
                 if quiet >= idle_ms {
                     return end(&from, &to, bytes, "tunnel idle timeout".into());

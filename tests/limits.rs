@@ -200,11 +200,19 @@ fn at_the_cap_idle_connections_make_room_and_busy_ones_make_others_wait() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(router.get(HOST, "/").status, 200);
+    assert_eq!(router.get(HOST, "/waited").status, 200);
     for c in &mut busy {
         let answer = read_all(c);
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     }
+    // The third was served only once a 408 had freed a slot: a 408 is
+    // logged before its connection lets go of the slot, so its line comes
+    // first.
+    router.wait_event("router.request", |e| e["path"] == "/waited");
+    let requests = router.events_named("router.request");
+    let first_408 = requests.iter().position(|e| e["status"] == 408);
+    let waited = requests.iter().position(|e| e["path"] == "/waited");
+    assert!(first_408 < waited && first_408.is_some(), "{requests:?}");
 }
 
 #[test]
