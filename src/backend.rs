@@ -10,7 +10,7 @@ use std::fmt;
 use std::io::{self, Read};
 use std::time::Duration;
 
-use crate::proxy::{BodyFraming, field_from_bytes, field_to_bytes};
+use crate::http1::{BodyFraming, field_from_bytes, field_to_bytes};
 
 #[derive(Debug)]
 pub struct BackendRequest<'a> {

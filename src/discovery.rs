@@ -65,7 +65,6 @@ impl RouteSet {
         self.routes.len()
     }
 
-    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
     }

@@ -1,24 +1,5 @@
-//! httprouter: a host-based HTTP reverse proxy whose routes live in etcd.
-//!
-//! Data flows one way:
-//! etcd → `discovery` (one thread) → `routes::SharedTable` (whole immutable
-//! tables) → `server` workers → `proxy` → `backend`; every part sends log
-//! events down a bounded channel to the one `log` thread. This file only
-//! wires them together and runs the shutdown sequence.
-
-mod backend;
-mod cidr;
-mod cli;
-mod discovery;
-mod etcd_v2;
-mod health;
-mod http1;
-mod httpurl;
-mod log;
-mod proxy;
-mod routes;
-mod server;
-mod tunnel;
+//! The httprouter binary: flags, signals, and the start and shutdown order
+//! of the pieces in the library (see `lib.rs` for the data flow).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -27,7 +8,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::cli::{Command, Config};
+use httprouter::cli::{self, Command, Config};
+use httprouter::{backend, discovery, log, proxy, routes, server, tunnel};
 
 /// How long in-flight requests may run on after SIGTERM/SIGINT.
 const SHUTDOWN_GRACE_SECS: u64 = 10;

@@ -20,6 +20,7 @@ use serde_json::json;
 use crate::backend::{BackendClient, BackendError, BackendRequest};
 use crate::cidr::Cidr;
 use crate::health::{AfterFailure, EjectPolicy, now_ms};
+use crate::http1::{BodyFraming, HttpVersion, connection_tokens, header, header_values};
 use crate::log::Logger;
 use crate::routes::{Backend, Domain, SharedTable, normalise_host};
 use crate::tunnel::{self, Handshake, HandshakeTimeouts};
@@ -37,42 +38,6 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-/// Header values travel through the router as Latin-1 strings: each byte
-/// of the value is one `char` (U+0000–U+00FF). RFC 9110 §5.5 allows bytes
-/// above 0x7F (obs-text) that need not be UTF-8, and a proxy must pass them
-/// unchanged; decoding them as UTF-8 would rewrite them.
-pub fn field_from_bytes(bytes: &[u8]) -> String {
-    match std::str::from_utf8(bytes) {
-        Ok(s) if s.is_ascii() => s.to_string(),
-        _ => bytes.iter().map(|&b| char::from(b)).collect(),
-    }
-}
-
-/// The bytes a value made by [`field_from_bytes`] stands for. (A value with
-/// characters past U+00FF can only be the router's own, and goes as UTF-8.)
-pub fn field_to_bytes(value: &str) -> std::borrow::Cow<'_, [u8]> {
-    if value.is_ascii() || value.chars().any(|c| u32::from(c) > 0xFF) {
-        std::borrow::Cow::Borrowed(value.as_bytes())
-    } else {
-        std::borrow::Cow::Owned(value.chars().map(|c| c as u8).collect())
-    }
-}
-
-/// How a request body is framed, on either side of the proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyFraming {
-    None,
-    Sized(u64),
-    /// Length unknown (the client sent it chunked): sent chunked.
-    Chunked,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HttpVersion {
-    Http10,
-    Http11,
-}
-
 /// A client request as the server front parsed it.
 #[derive(Debug, Clone)]
 pub struct IncomingRequest {
@@ -85,30 +50,6 @@ pub struct IncomingRequest {
     pub peer: Option<SocketAddr>,
     /// Decided by the server front, which reads the body.
     pub framing: BodyFraming,
-}
-
-/// Every value of header `name` (names compare case-insensitively).
-pub fn header_values<'a>(
-    headers: &'a [(String, String)],
-    name: &'a str,
-) -> impl Iterator<Item = &'a str> + 'a {
-    headers
-        .iter()
-        .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
-}
-
-/// The first value of header `name`.
-pub fn header<'a>(headers: &'a [(String, String)], name: &'a str) -> Option<&'a str> {
-    header_values(headers, name).next()
-}
-
-/// The tokens listed in `Connection` headers.
-pub fn connection_tokens(headers: &[(String, String)]) -> impl Iterator<Item = &str> {
-    header_values(headers, "connection")
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
 }
 
 /// The answer to send to the client.
@@ -824,15 +765,6 @@ mod tests {
             names(&back),
             ["upgrade", "sec-websocket-accept", "connection"]
         );
-    }
-
-    #[test]
-    fn header_bytes_survive_the_round_trip() {
-        for bytes in [&b"plain"[..], b"caf\xe9", b"\xc3\xa9t\xc3\xa9", b"\x80\xff"] {
-            let field = field_from_bytes(bytes);
-            assert_eq!(&*field_to_bytes(&field), bytes);
-        }
-        assert_eq!(&*field_to_bytes("ascii"), b"ascii");
     }
 
     #[test]

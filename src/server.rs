@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::health::now_ms;
-use crate::http1::{self, HeadError, ResponseHead};
-use crate::log::{Logger, RequestRecord};
-use crate::proxy::{
-    HttpVersion, IncomingRequest, Outcome, Proxy, ProxyResponse, connection_tokens, header,
+use crate::http1::{
+    self, BodyFraming, HeadError, HttpVersion, ResponseHead, connection_tokens, header,
     header_values,
 };
+use crate::log::{Logger, RequestRecord};
+use crate::proxy::{IncomingRequest, Outcome, Proxy, ProxyResponse};
 use crate::tunnel;
 
 /// Connection threads do little on the stack; the buffers live on the heap.
@@ -582,9 +582,9 @@ fn serve_request(
         version: head.version,
         headers: head.headers,
         peer: Some(peer),
-        framing: framing.unwrap_or(crate::proxy::BodyFraming::None),
+        framing: framing.unwrap_or(BodyFraming::None),
     };
-    if incoming.framing != crate::proxy::BodyFraming::None {
+    if incoming.framing != BodyFraming::None {
         let _ = timeout.set(shared.settings.client_timeout);
     }
     if framing.is_ok() && !unmet_expectation && crate::proxy::is_upgrade(&incoming) {

@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::BackendError;
 use crate::health::now_ms;
-use crate::http1::{BodyReader, is_timeout};
-use crate::proxy::{BodyFraming, field_from_bytes, header, header_values};
+use crate::http1::{BodyFraming, BodyReader, field_from_bytes, header, header_values, is_timeout};
 
 /// A backend's response head, like a request head, is bounded.
 const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;

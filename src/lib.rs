@@ -1,0 +1,23 @@
+//! httprouter: a host-based HTTP reverse proxy whose routes live in etcd.
+//!
+//! Data flows one way:
+//! etcd → `discovery` (one thread) → `routes::SharedTable` (whole immutable
+//! tables) → `server` workers → `proxy` → `backend`; every part sends log
+//! events down a bounded channel to the one `log` thread. `http1` is the
+//! wire format below both edges. The binary (`main.rs`) only wires these
+//! together; the library exists so that tests can start a server front, a
+//! proxy and a backend edge in-process, without etcd or the binary.
+
+pub mod backend;
+pub mod cidr;
+pub mod cli;
+pub mod discovery;
+pub mod etcd_v2;
+pub mod health;
+pub mod http1;
+pub mod httpurl;
+pub mod log;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+pub mod tunnel;
