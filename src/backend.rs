@@ -136,10 +136,24 @@ impl BackendClient {
         for (name, value) in req.headers {
             builder = builder.header(name.as_str(), &*field_to_bytes(value));
         }
+        // The framing the client used, never another: a request without a
+        // body stays without one (ureq alone would send an empty POST
+        // chunked, which servers without chunked uploads answer with 411,
+        // and which an HTTP/1.0 client never sent).
         let result = match req.framing {
-            BodyFraming::None => builder
-                .body(ureq::SendBody::none())
-                .map(|r| self.agent.run(r)),
+            BodyFraming::None => {
+                // As Go's transport does: `Content-Length: 0` for the
+                // methods that expect a body (RFC 9110 §8.6 lets a client
+                // send it), none for the others.
+                let builder = if matches!(req.method, "POST" | "PUT" | "PATCH") {
+                    builder.header("Content-Length", 0)
+                } else {
+                    builder
+                };
+                builder
+                    .body(ureq::SendBody::none())
+                    .map(|r| self.agent.run(r))
+            }
             BodyFraming::Sized(n) => {
                 let mut limited = body.take(n);
                 builder

@@ -69,9 +69,52 @@ pub fn header<'a>(headers: &'a [(String, String)], name: &'a str) -> Option<&'a 
 pub fn connection_tokens(headers: &[(String, String)]) -> impl Iterator<Item = &str> {
     header_values(headers, "connection")
         .flat_map(|v| v.split(','))
-        .map(str::trim)
+        .map(trim_ows)
         .filter(|t| !t.is_empty())
 }
+
+/// Strips the only whitespace HTTP has, SP and HTAB (RFC 9110 §5.6.3).
+/// Never `str::trim` on a field value: values are Latin-1 strings (see
+/// [`field_from_bytes`]), and `trim` also strips U+0085 and U+00A0, that is
+/// the bytes 0x85 and 0xA0. A router that reads `Content-Length: 5\xa0` as
+/// `5` disagrees with every hop that reads it as invalid (CL.0 smuggling).
+pub fn trim_ows(value: &str) -> &str {
+    value.trim_matches([' ', '\t'])
+}
+
+/// `tchar` (RFC 9110 §5.6.2): what a token, and so a method or a field
+/// name, is made of.
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A header-name byte as CGI, PHP, WSGI and several frameworks read it:
+/// case folded and `_` as `-`. For them `Content_Length` *is*
+/// `Content-Length`.
+pub fn fold_name_byte(b: u8) -> u8 {
+    if b == b'_' {
+        b'-'
+    } else {
+        b.to_ascii_lowercase()
+    }
+}
+
+/// The two header names are the same name once folded (see
+/// [`fold_name_byte`]). Allocates nothing.
+pub fn name_folds_to(name: &str, other: &str) -> bool {
+    name.len() == other.len()
+        && name
+            .bytes()
+            .map(fold_name_byte)
+            .eq(other.bytes().map(fold_name_byte))
+}
+
+/// Header names whose underscore spelling a request may not carry at all:
+/// they frame the request, so a backend that reads `_` as `-` would see a
+/// second framing the router never read (CL.TE desync). (`Host` and
+/// `Connection`, the other names that frame or route a request, have no
+/// dash and so no other spelling.)
+const FRAMING_NAMES: &[&str] = &["content-length", "transfer-encoding"];
 
 /// Request line plus headers.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -148,6 +191,8 @@ pub fn read_head<R: BufRead>(
     // deadline (so sending one now and then cannot keep a connection open
     // past the keep-alive timeout), but a head of nothing else is idle.
     let mut skipped = 0usize;
+    // The last byte skipped was a CR, whose LF may come in the next read.
+    let mut after_cr = false;
     loop {
         let waited = before_each_read(!head.is_empty() || skipped > 0);
         let available = match waited.and_then(|_| reader.fill_buf()) {
@@ -164,15 +209,20 @@ pub fn read_head<R: BufRead>(
                 HeadError::Malformed("connection closed in the middle of the request head".into())
             });
         }
-        // RFC 9112 §2.2: empty lines before the request line are ignored.
-        let skip = if head.is_empty() {
-            available
-                .iter()
-                .take_while(|&&b| b == b'\r' || b == b'\n')
-                .count()
-        } else {
-            0
-        };
+        // RFC 9112 §2.2: empty lines (CRLF) before the request line are
+        // ignored; a bare CR or LF there is as malformed as anywhere else.
+        let mut skip = 0;
+        if head.is_empty() {
+            for &b in available {
+                match (after_cr, b) {
+                    (false, b'\r') => after_cr = true,
+                    (true, b'\n') => after_cr = false,
+                    (false, b'\n') | (true, _) => return Err(bare_line_end()),
+                    (false, _) => break,
+                }
+                skip += 1;
+            }
+        }
         skipped += skip;
         if skipped > MAX_HEAD_BYTES {
             return Err(HeadError::TooLarge);
@@ -181,7 +231,7 @@ pub fn read_head<R: BufRead>(
         let room = MAX_HEAD_BYTES + 1 - before;
         let data = &available[skip..];
         head.extend_from_slice(&data[..data.len().min(room)]);
-        let end = find_head_end(&head, before.saturating_sub(3));
+        let end = find_head_end(&head, before)?;
         if let Some(end) = end {
             head.truncate(end);
         }
@@ -201,16 +251,35 @@ pub fn read_head<R: BufRead>(
     }
 }
 
-/// The index just past the blank line that ends a head (`\r\n\r\n`, or
-/// bare `\n\n`), searching from `from`.
-fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
-    (from..buf.len())
-        .find(|&i| {
-            buf[i] == b'\n'
-                && ((i >= 1 && buf[i - 1] == b'\n')
-                    || (i >= 2 && buf[i - 1] == b'\r' && buf[i - 2] == b'\n'))
-        })
-        .map(|i| i + 1)
+/// The index just past the blank line that ends a head (`\r\n\r\n`),
+/// looking at the bytes from `from` on (those before were looked at
+/// already). A bare LF or CR is refused as soon as it is seen.
+///
+/// RFC 9112 §2.2 lets a recipient accept a bare LF as a line end, and
+/// nginx and HAProxy do; this router does not: behind a proxy that ends
+/// lines only at CRLF, `X: a\nContent-Length: 5` is one field there and two
+/// here, which is a smuggling gadget.
+fn find_head_end(buf: &[u8], from: usize) -> Result<Option<usize>, HeadError> {
+    // The byte before `from` may be a CR whose successor just arrived.
+    for i in from.saturating_sub(1)..buf.len() {
+        match buf[i] {
+            b'\r' if buf.get(i + 1).is_some_and(|&b| b != b'\n') => return Err(bare_line_end()),
+            b'\n' if i >= from => {
+                if i == 0 || buf[i - 1] != b'\r' {
+                    return Err(bare_line_end());
+                }
+                if i >= 3 && buf[i - 3..i - 1] == *b"\r\n" {
+                    return Ok(Some(i + 1));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
+fn bare_line_end() -> HeadError {
+    HeadError::Malformed("bare CR or LF in the request head: lines must end in CRLF".into())
 }
 
 fn parse_head(head: &[u8]) -> Result<RequestHead, HeadError> {
@@ -229,6 +298,16 @@ fn parse_head(head: &[u8]) -> Result<RequestHead, HeadError> {
         Some(1) => HttpVersion::Http11,
         _ => return Err(HeadError::Malformed("unsupported HTTP version".into())),
     };
+    if let Some(h) = req
+        .headers
+        .iter()
+        .find(|h| h.name.contains('_') && FRAMING_NAMES.iter().any(|n| name_folds_to(h.name, n)))
+    {
+        return Err(HeadError::Malformed(format!(
+            "{}: an underscore spelling of a framing header",
+            h.name
+        )));
+    }
     let headers = req
         .headers
         .iter()
@@ -273,11 +352,20 @@ pub fn request_framing(
                 "both Transfer-Encoding and Content-Length",
             ));
         }
+        let codings: Vec<&str> = te.iter().flat_map(|v| v.split(',')).map(trim_ows).collect();
+        // Each element a bare token: `chunked\xa0`, `\x85chunked`, an empty
+        // element or a parameter is malformed, where another hop may well
+        // read plain `chunked` (TE.0 smuggling).
+        if codings
+            .iter()
+            .any(|c| c.is_empty() || !c.bytes().all(is_tchar))
+        {
+            return Err(bad_framing(400, "invalid Transfer-Encoding"));
+        }
         // Only plain chunked: other codings would reach the backend
         // decoded of their chunking but still encoded, with nothing saying so.
-        let mut codings = te.iter().flat_map(|v| v.split(',')).map(str::trim);
-        return match (codings.next(), codings.next()) {
-            (Some(c), None) if c.eq_ignore_ascii_case("chunked") => Ok(BodyFraming::Chunked),
+        return match codings[..] {
+            [c] if c.eq_ignore_ascii_case("chunked") => Ok(BodyFraming::Chunked),
             _ => Err(bad_framing(
                 501,
                 "only Transfer-Encoding: chunked is supported",
@@ -286,7 +374,8 @@ pub fn request_framing(
     }
     let mut length: Option<u64> = None;
     for value in header_values(headers, "content-length") {
-        let v = value.trim();
+        // Digits only, SP/HTAB around them at most (see [`trim_ows`]).
+        let v = trim_ows(value);
         if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad_framing(400, "invalid Content-Length"));
         }
@@ -450,12 +539,18 @@ impl<R: BufRead, W: Write> BodyReader<R, W> {
         }
     }
 
-    /// `chunk-size [ BWS ";" chunk-ext ]`: hex digits only (no sign, no
-    /// surrounding space but the BWS before an extension), at most 15 of them.
+    /// `chunk-size [ BWS chunk-ext ]`: hex digits only (no sign, no
+    /// surrounding space but the BWS before an extension), at most 15 of
+    /// them; the extensions are dropped, but only once they parse.
     fn chunk_size(&mut self) -> io::Result<u64> {
         let line = self.read_line(MAX_CHUNK_LINE_BYTES)?;
         let digits = match line.iter().position(|&b| b == b';') {
-            Some(i) => line[..i].trim_ascii_end(),
+            Some(i) => {
+                if !is_chunk_ext(&line[i..]) {
+                    return Err(bad_chunk("bad chunk extension"));
+                }
+                trim_ows_end(&line[..i])
+            }
             None => &line[..],
         };
         if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
@@ -474,6 +569,9 @@ impl<R: BufRead, W: Write> BodyReader<R, W> {
         }
     }
 
+    /// Trailers are dropped, but each must be a field line: a parser that
+    /// swallowed any line here (a request line, say) would end the body
+    /// somewhere another hop does not.
     fn skip_trailers(&mut self) -> io::Result<()> {
         let mut total = 0;
         loop {
@@ -485,12 +583,103 @@ impl<R: BufRead, W: Write> BodyReader<R, W> {
             if total > MAX_TRAILER_BYTES {
                 return Err(bad_chunk("trailers too large"));
             }
+            if !is_field_line(&line) {
+                return Err(bad_chunk("trailer is not a header field"));
+            }
         }
     }
 }
 
 fn bad_chunk(why: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why)
+}
+
+fn trim_ows_start(b: &[u8]) -> &[u8] {
+    let n = b.iter().take_while(|&&c| c == b' ' || c == b'\t').count();
+    &b[n..]
+}
+
+fn trim_ows_end(b: &[u8]) -> &[u8] {
+    let n = b
+        .iter()
+        .rev()
+        .take_while(|&&c| c == b' ' || c == b'\t')
+        .count();
+    &b[..b.len() - n]
+}
+
+/// `field-name ":" OWS field-value OWS` (RFC 9110 §5.1, §5.5), as a line
+/// whose CRLF is gone and whose bytes [`BodyReader::read_line`] already
+/// checked for control characters: a token, a colon, then visible bytes,
+/// obs-text, SP and HTAB. No space before the colon and no obs-fold (a
+/// line starting with whitespace), as in the head.
+fn is_field_line(line: &[u8]) -> bool {
+    match line.iter().position(|&b| b == b':') {
+        Some(colon) => {
+            colon > 0
+                && line[..colon].iter().all(|&b| is_tchar(b))
+                && line[colon + 1..]
+                    .iter()
+                    .all(|&b| b == b'\t' || (b >= b' ' && b != 0x7f))
+        }
+        None => false,
+    }
+}
+
+/// `chunk-ext = *( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ] )`, with
+/// `ext-val = token / quoted-string` (RFC 9112 §7.1.1); `ext` starts at the
+/// first `;`.
+fn is_chunk_ext(mut ext: &[u8]) -> bool {
+    loop {
+        ext = trim_ows_start(ext);
+        let Some(rest) = ext.strip_prefix(b";") else {
+            return ext.is_empty();
+        };
+        ext = trim_ows_start(rest);
+        let name = ext.iter().take_while(|&&b| is_tchar(b)).count();
+        if name == 0 {
+            return false;
+        }
+        ext = trim_ows_start(&ext[name..]);
+        let Some(rest) = ext.strip_prefix(b"=") else {
+            continue;
+        };
+        ext = trim_ows_start(rest);
+        if let Some(quoted) = ext.strip_prefix(b"\"") {
+            match quoted_string_len(quoted) {
+                Some(n) => ext = &quoted[n..],
+                None => return false,
+            }
+        } else {
+            let value = ext.iter().take_while(|&&b| is_tchar(b)).count();
+            if value == 0 {
+                return false;
+            }
+            ext = &ext[value..];
+        }
+    }
+}
+
+/// The length of a quoted string's rest after its opening quote, closing
+/// quote included (RFC 9110 §5.6.4); `None` if it does not close or holds
+/// a byte it may not.
+fn quoted_string_len(s: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b'"' => return Some(i + 1),
+            b'\\' => {
+                let escaped = *s.get(i + 1)?;
+                if escaped != b'\t' && (escaped < b' ' || escaped == 0x7f) {
+                    return None;
+                }
+                i += 2;
+            }
+            b if b == b'\t' || (b >= b' ' && b != 0x7f) => i += 1,
+            _ => return None,
+        }
+    }
+    None
 }
 
 impl<R: BufRead, W: Write> Read for BodyReader<R, W> {
@@ -753,9 +942,91 @@ mod tests {
         assert_eq!(r.version, HttpVersion::Http11);
         assert_eq!(r.headers, h(&[("Host", "x"), ("X-Y", "z")]));
         assert_eq!(
-            head(b"GET / HTTP/1.0\n\n").unwrap().version,
+            head(b"\r\n\r\nGET / HTTP/1.0\r\n\r\n").unwrap().version,
             HttpVersion::Http10
         );
+    }
+
+    fn malformed(raw: &[u8]) -> String {
+        match head(raw) {
+            Err(HeadError::Malformed(why)) => why,
+            other => panic!("{raw:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn lines_end_in_crlf_and_nothing_else() {
+        for raw in [
+            &b"GET / HTTP/1.0\n\n"[..],
+            b"GET / HTTP/1.1\nHost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nDummy: x\nContent-Length: 23\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n\n",
+            b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n",
+            b"GET / HTTP/1.1\rHost: a\r\n\r\n",
+            b"\nGET / HTTP/1.1\r\n\r\n",
+            b"\r\rGET / HTTP/1.1\r\n\r\n",
+            b"\r\n\rGET / HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(malformed(raw).contains("CRLF"), "{raw:?}");
+        }
+        // A bare LF is refused as soon as it arrives, not when the head
+        // limit or the deadline is reached.
+        let mut reads = 0;
+        let r = read_head(
+            &mut BufReader::new(Cursor::new(b"GET / HTTP/1.1\nX".to_vec())),
+            |_| {
+                reads += 1;
+                Ok(())
+            },
+        );
+        assert!(matches!(r, Err(HeadError::Malformed(_))));
+        assert_eq!(reads, 1);
+        // Split across reads: a CR at the end of one read, its LF (or not)
+        // at the start of the next.
+        let split = |a: &[u8], b: &[u8]| {
+            let chain = Cursor::new(a.to_vec()).chain(Cursor::new(b.to_vec()));
+            read_head(&mut BufReader::with_capacity(4, chain), |_| Ok(()))
+        };
+        assert!(split(b"GET / HTTP/1.1\r", b"\nHost: a\r\n\r\n").is_ok());
+        assert!(split(b"\r", b"\nGET / HTTP/1.1\r\nHost: a\r\n\r\n").is_ok());
+        assert!(split(b"GET / HTTP/1.1\r", b"Host: a\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn underscore_spellings_of_framing_headers_are_refused() {
+        let with = |name: &str| format!("GET / HTTP/1.1\r\nHost: a\r\n{name}: 5\r\n\r\n");
+        for refused in [
+            "Content_Length",
+            "content_length",
+            "Transfer_Encoding",
+            "TRANSFER_ENCODING",
+        ] {
+            let why = malformed(with(refused).as_bytes());
+            assert_eq!(
+                why,
+                format!("{refused}: an underscore spelling of a framing header")
+            );
+        }
+        for kept in ["X_Custom", "Content_Type", "Content_Length_", "Host_"] {
+            let ok = head(with(kept).as_bytes()).unwrap();
+            assert_eq!(ok.headers[1].0, kept);
+        }
+    }
+
+    #[test]
+    fn obs_fold_and_space_before_colon_are_refused() {
+        for raw in [
+            &b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\r\n\tX: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nContent-Length : 5\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX: a\x7fb\r\n\r\n",
+            b"GET  / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1 \r\n\r\n",
+            b"GET / HTTP/1.10\r\n\r\n",
+        ] {
+            malformed(raw);
+        }
     }
 
     #[test]
@@ -837,6 +1108,36 @@ mod tests {
     }
 
     #[test]
+    fn only_sp_and_htab_are_whitespace_in_framing_values() {
+        let f = |name: &str, value: &[u8]| {
+            let headers = vec![(name.to_string(), field_from_bytes(value))];
+            request_framing(HttpVersion::Http11, &headers).map_err(|e| e.status)
+        };
+        assert_eq!(f("Content-Length", b"5"), Ok(BodyFraming::Sized(5)));
+        assert_eq!(f("Content-Length", b" 5\t"), Ok(BodyFraming::Sized(5)));
+        assert_eq!(
+            f("Transfer-Encoding", b"\tchunked "),
+            Ok(BodyFraming::Chunked)
+        );
+        for (name, value) in [
+            ("Content-Length", &b"5\xa0"[..]),
+            ("Content-Length", b"\x855"),
+            ("Content-Length", b"\xa05"),
+            ("Content-Length", b"5\x0b"),
+            ("Transfer-Encoding", b"chunked\xa0"),
+            ("Transfer-Encoding", b"\x85chunked"),
+            ("Transfer-Encoding", b"chunked\x0c"),
+            ("Transfer-Encoding", b"ch\xa0unked"),
+            ("Transfer-Encoding", b"chunked,"),
+            ("Transfer-Encoding", b",chunked"),
+            ("Transfer-Encoding", b"\"chunked\""),
+            ("Transfer-Encoding", b"chunked;q=1"),
+        ] {
+            assert_eq!(f(name, value), Err(400), "{name}: {value:?}");
+        }
+    }
+
+    #[test]
     fn reads_sized_and_chunked_bodies() {
         let (r, done) = body(b"hello world", BodyFraming::Sized(5));
         assert_eq!(r.unwrap(), b"hello");
@@ -847,6 +1148,19 @@ mod tests {
         );
         assert_eq!(r.unwrap(), b"hello world");
         assert!(done);
+        for ext in [
+            &b";a"[..],
+            b" ; a = b ;c;d=\"q \\\" \xe9\"",
+            b";a=\"\"",
+            b"\t;a\t=\tb",
+        ] {
+            let mut raw = b"5".to_vec();
+            raw.extend_from_slice(ext);
+            raw.extend_from_slice(b"\r\nhello\r\n0\r\nX-T: \xe9 v\r\nY:\r\n\r\n");
+            let (r, done) = body(&raw, BodyFraming::Chunked);
+            assert_eq!(r.unwrap(), b"hello", "{ext:?}");
+            assert!(done);
+        }
     }
 
     #[test]
@@ -870,6 +1184,22 @@ mod tests {
             b"5;a\rb\r\nhello\r\n0\r\n\r\n",
             b"5\r\nhello\r\n0\r\nX: \x01\r\n\r\n",
             b"5\r\nhello\r\n0\r\n\n",
+            // Trailers are fields or nothing.
+            b"5\r\nhello\r\n0\r\nGET / HTTP/1.1\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nno colon\r\n\r\n",
+            b"5\r\nhello\r\n0\r\n: no name\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nX : space before colon\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nX: a\r\n folded\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nX: \x7f\r\n\r\n",
+            // Chunk extensions parse or the body is refused.
+            b"5;\r\nhello\r\n0\r\n\r\n",
+            b"5;=x\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\r\nhello\r\n0\r\n\r\n",
+            b"5;a b\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\"x\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\"x\"y\r\nhello\r\n0\r\n\r\n",
+            b"5;a=b,c\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\xff\r\nhello\r\n0\r\n\r\n",
         ] {
             let (r, done) = body(raw, BodyFraming::Chunked);
             assert!(r.is_err(), "{raw:?}");

@@ -11,6 +11,7 @@
 //! failed attempt sent nothing (no connection was made), never the same
 //! backend twice, and only while the domain's retry budget allows.
 
+use std::borrow::Cow;
 use std::io::{Cursor, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +21,10 @@ use serde_json::json;
 use crate::backend::{BackendClient, BackendError, BackendRequest};
 use crate::cidr::Cidr;
 use crate::health::{AfterFailure, EjectPolicy, now_ms};
-use crate::http1::{BodyFraming, HttpVersion, connection_tokens, header, header_values};
+use crate::http1::{
+    BodyFraming, HttpVersion, connection_tokens, fold_name_byte, header, header_values,
+    name_folds_to, trim_ows,
+};
 use crate::log::Logger;
 use crate::routes::{Backend, Domain, SharedTable, normalise_host};
 use crate::tunnel::{self, Handshake, HandshakeTimeouts};
@@ -67,6 +71,9 @@ pub struct Outcome {
     pub host: String,
     pub upstream: Option<String>,
     pub error: Option<String>,
+    /// The connection must end after this answer: the request was one the
+    /// router could not read as a whole (see [`refuse`]).
+    pub close: bool,
 }
 
 /// How the proxy treats backends and clients, from the command line.
@@ -93,7 +100,7 @@ struct Routed<'r> {
     host: String,
     /// As the client sent it, for `Host` and `X-Forwarded-Host`.
     raw_host: &'r str,
-    path_and_query: &'r str,
+    path_and_query: Cow<'r, str>,
 }
 
 /// An upgrade request the backend answered.
@@ -119,6 +126,7 @@ impl Upgraded {
             host: self.host,
             upstream: Some(self.upstream),
             error: None,
+            close: true,
         }
     }
 }
@@ -219,6 +227,7 @@ impl Proxy {
                 host: routed.host,
                 upstream: Some(upstream),
                 error: None,
+                close: false,
             },
             Err(outcome) => *outcome,
         }
@@ -368,15 +377,13 @@ impl Proxy {
 fn is_forwarding_header(name: &str) -> bool {
     // Compared byte by byte, `_` as `-`: this runs for every header of
     // every request, so it allocates nothing.
-    let folded = |b: u8| {
-        if b == b'_' {
-            b'-'
-        } else {
-            b.to_ascii_lowercase()
-        }
-    };
     let starts = |want: &str| {
-        name.len() >= want.len() && name.bytes().take(want.len()).map(folded).eq(want.bytes())
+        name.len() >= want.len()
+            && name
+                .bytes()
+                .take(want.len())
+                .map(fold_name_byte)
+                .eq(want.bytes())
     };
     let is = |want: &str| name.len() == want.len() && starts(want);
     starts("x-forwarded-")
@@ -431,15 +438,15 @@ impl Read for ClientBody<'_> {
 pub fn is_upgrade(req: &IncomingRequest) -> bool {
     req.version == HttpVersion::Http11
         && req.framing == BodyFraming::None
-        && header(&req.headers, "upgrade").is_some_and(|v| !v.trim().is_empty())
+        && header(&req.headers, "upgrade").is_some_and(|v| !trim_ows(v).is_empty())
         && connection_tokens(&req.headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
 /// `websocket` of `WebSocket/13`: the name of a protocol in an `Upgrade`
 /// list, version dropped.
 fn protocol_name(token: &str) -> &str {
-    let token = token.trim();
-    token.split('/').next().unwrap_or(token).trim()
+    let token = trim_ows(token);
+    trim_ows(token.split('/').next().unwrap_or(token))
 }
 
 /// The headers of a backend's `101`: its end-to-end headers and `Upgrade`,
@@ -460,7 +467,8 @@ pub fn switching_headers(headers: &[(String, String)]) -> Vec<(String, String)> 
 #[derive(Debug, PartialEq)]
 struct RequestTarget<'a> {
     authority: Option<&'a str>,
-    path_and_query: &'a str,
+    /// Starts with `/`; borrowed unless a `/` had to be put in front.
+    path_and_query: Cow<'a, str>,
 }
 
 impl<'a> RequestTarget<'a> {
@@ -468,7 +476,7 @@ impl<'a> RequestTarget<'a> {
         if target.starts_with('/') {
             return Some(RequestTarget {
                 authority: None,
-                path_and_query: target,
+                path_and_query: Cow::Borrowed(target),
             });
         }
         let scheme_len = target
@@ -481,11 +489,13 @@ impl<'a> RequestTarget<'a> {
         if authority.is_empty() || authority.contains('@') {
             return None;
         }
+        // RFC 3986 §3.3: after an authority the path may be empty, and
+        // RFC 9112 §3.2.1 forwards an empty path as `/`, so
+        // `http://host?q` is `/?q` at `host`.
         let path_and_query = match path {
-            "" => "/",
-            p if p.starts_with('/') => p,
-            // `http://host?q`: rare enough to refuse rather than rewrite.
-            _ => return None,
+            "" => Cow::Borrowed("/"),
+            p if p.starts_with('/') => Cow::Borrowed(p),
+            q => Cow::Owned(format!("/{q}")),
         };
         Some(RequestTarget {
             authority: Some(authority),
@@ -495,11 +505,15 @@ impl<'a> RequestTarget<'a> {
 }
 
 /// True for headers that must not cross the proxy in either direction.
+///
+/// Compared with `_` read as `-` (see [`name_folds_to`]): the server front
+/// refuses underscore spellings of the framing headers outright, and the
+/// others (`Keep_Alive`, `Upgrade`'s, `TE`'s...) are dropped here, so a
+/// backend that reads `_` as `-` never sees a hop-by-hop header the router
+/// did not act on.
 fn is_hop_by_hop(name: &str, connection_tokens: &[&str]) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-        || connection_tokens
-            .iter()
-            .any(|t| name.eq_ignore_ascii_case(t))
+    HOP_BY_HOP.iter().any(|h| name_folds_to(name, h))
+        || connection_tokens.iter().any(|t| name_folds_to(name, t))
 }
 
 /// The headers sent to the backend: the client's end-to-end headers, its
@@ -530,7 +544,7 @@ pub fn forward_headers(
             || name.eq_ignore_ascii_case("content-length")
             // The server front answers `Expect: 100-continue` itself; the
             // backend must not send an interim response of its own.
-            || name.eq_ignore_ascii_case("expect")
+            || name_folds_to(name, "expect")
         {
             continue;
         }
@@ -543,7 +557,7 @@ pub fn forward_headers(
                 continue;
             }
             if name.eq_ignore_ascii_case("x-forwarded-for") {
-                forwarded_for.push(value.trim());
+                forwarded_for.push(trim_ows(value));
                 continue;
             }
             has_proto |= name.eq_ignore_ascii_case("x-forwarded-proto");
@@ -618,6 +632,11 @@ pub fn refuse(status: u16, why: &str, host: &str) -> Outcome {
         host: host.to_string(),
         upstream: None,
         error: Some(why.to_string()),
+        // What the router refuses as unreadable (a bad target, a duplicate
+        // or unusable Host, bad framing, a body cut short, an unsendable
+        // request) leaves nothing on the connection worth trusting: close,
+        // as nginx does for its own 400, 408, 413, 414, 431 and 501.
+        close: matches!(status, 400 | 408 | 413 | 414 | 431 | 501),
     }
 }
 
@@ -769,34 +788,62 @@ mod tests {
 
     #[test]
     fn request_targets() {
+        let parsed =
+            |t| RequestTarget::parse(t).map(|t| (t.authority, t.path_and_query.into_owned()));
+        let origin = |p: &str| Some((None, p.to_string()));
+        let absolute = |a, p: &str| Some((Some(a), p.to_string()));
+        assert_eq!(parsed("/a?b"), origin("/a?b"));
         assert_eq!(
-            RequestTarget::parse("/a?b"),
-            Some(RequestTarget {
-                authority: None,
-                path_and_query: "/a?b"
-            })
+            parsed("HTTP://Example.com:81/x?y"),
+            absolute("Example.com:81", "/x?y")
         );
+        assert_eq!(parsed("http://example.com"), absolute("example.com", "/"));
+        // RFC 3986: an authority, then a query, and an empty path.
         assert_eq!(
-            RequestTarget::parse("HTTP://Example.com:81/x?y"),
-            Some(RequestTarget {
-                authority: Some("Example.com:81"),
-                path_and_query: "/x?y"
-            })
+            parsed("http://example.org?x=1"),
+            absolute("example.org", "/?x=1")
         );
-        assert_eq!(
-            RequestTarget::parse("http://example.com").map(|t| t.path_and_query),
-            Some("/")
-        );
+        assert_eq!(parsed("http://example.org?"), absolute("example.org", "/?"));
         for bad in [
             "*",
             "",
             "example.com/x",
+            "example.com:443",
             "https://a/",
             "http:///x",
+            "http://?x",
             "http://u@a/",
         ] {
             assert_eq!(RequestTarget::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn underscore_spellings_of_hop_by_hop_headers_are_dropped() {
+        let r = req(&[
+            ("Host", "a.com"),
+            ("Connection", "X-Secret"),
+            ("Keep_Alive", "timeout=5"),
+            ("Proxy_Connection", "keep-alive"),
+            ("Upgrade_", "websocket"),
+            ("TE", "trailers"),
+            ("Trailer", "X-T"),
+            ("X_Secret", "1"),
+            ("EXPECT", "100-continue"),
+            ("X_Custom", "kept"),
+        ]);
+        let out = forward_headers(&r, "a.com", &[]);
+        assert_eq!(
+            names(&out),
+            [
+                "upgrade_",
+                "x_custom",
+                "host",
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-forwarded-host"
+            ]
+        );
     }
 
     #[test]

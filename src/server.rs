@@ -217,6 +217,11 @@ impl Server {
         })
     }
 
+    /// The address the listener is bound to (the port chosen, for `:0`).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
     /// Stops accepting (the listening socket is closed at once), lets the
     /// requests in flight finish within `grace`, and closes idle
     /// connections. Returns how many requests were still running when the
@@ -566,7 +571,7 @@ fn serve_request(
     };
     let framing = http1::request_framing(head.version, &head.headers);
     let expect: Vec<&str> = header_values(&head.headers, "expect")
-        .map(str::trim)
+        .map(http1::trim_ows)
         .collect();
     // RFC 9110 §10.1.1: `100-continue` is the only expectation; HTTP/1.0
     // requests' expectations are ignored.
@@ -620,6 +625,7 @@ fn serve_request(
     // framing leaves the body's bytes unread, and reading them as the next
     // request is exactly request smuggling.
     let keep_alive = !wants_close
+        && !outcome.close
         && framing.is_ok()
         && body_complete
         && body_error.is_none()

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use crate::backend::BackendError;
 use crate::health::now_ms;
-use crate::http1::{BodyFraming, BodyReader, field_from_bytes, header, header_values, is_timeout};
+use crate::http1::{
+    BodyFraming, BodyReader, field_from_bytes, header, header_values, is_timeout, trim_ows,
+};
 
 /// A backend's response head, like a request head, is bounded.
 const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
@@ -177,7 +179,7 @@ impl Handshake {
         let no_body = head_request || matches!(self.status, 100..=199 | 204 | 304);
         let chunked = header_values(&self.headers, "transfer-encoding")
             .any(|v| v.to_ascii_lowercase().contains("chunked"));
-        let length = header(&self.headers, "content-length").and_then(|v| v.trim().parse().ok());
+        let length = header(&self.headers, "content-length").and_then(|v| trim_ows(v).parse().ok());
         let conn = self.conn;
         let _ = conn.get_ref().set_read_timeout(Some(self.body_timeout));
         if no_body {
