@@ -609,21 +609,14 @@ fn trim_ows_end(b: &[u8]) -> &[u8] {
 }
 
 /// `field-name ":" OWS field-value OWS` (RFC 9110 §5.1, §5.5), as a line
-/// whose CRLF is gone and whose bytes [`BodyReader::read_line`] already
-/// checked for control characters: a token, a colon, then visible bytes,
-/// obs-text, SP and HTAB. No space before the colon and no obs-fold (a
-/// line starting with whitespace), as in the head.
+/// whose CRLF is gone and whose value bytes [`BodyReader::read_line`]
+/// already checked (no control characters but HTAB): a token, then a
+/// colon. So no space before the colon and no obs-fold (a line starting
+/// with whitespace), as in the head.
 fn is_field_line(line: &[u8]) -> bool {
-    match line.iter().position(|&b| b == b':') {
-        Some(colon) => {
-            colon > 0
-                && line[..colon].iter().all(|&b| is_tchar(b))
-                && line[colon + 1..]
-                    .iter()
-                    .all(|&b| b == b'\t' || (b >= b' ' && b != 0x7f))
-        }
-        None => false,
-    }
+    line.iter()
+        .position(|&b| b == b':')
+        .is_some_and(|colon| colon > 0 && line[..colon].iter().all(|&b| is_tchar(b)))
 }
 
 /// `chunk-ext = *( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ] )`, with

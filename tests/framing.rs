@@ -266,10 +266,12 @@ fn exchange(addr: SocketAddr, raw: &[u8]) -> Result<Vec<u16>, String> {
         }
         Err(e) => return Err(format!("{e} after {:?}", String::from_utf8_lossy(&got))),
     }
-    parse_responses(&got)
+    parse_responses(&got, raw.starts_with(b"HEAD "))
 }
 
-fn parse_responses(mut bytes: &[u8]) -> Result<Vec<u16>, String> {
+/// The statuses of the answers in `bytes`; the first one is bodiless if
+/// it answers a HEAD request.
+fn parse_responses(mut bytes: &[u8], head_first: bool) -> Result<Vec<u16>, String> {
     let mut statuses = Vec::new();
     while !bytes.is_empty() {
         let show = || String::from_utf8_lossy(bytes).into_owned();
@@ -289,6 +291,11 @@ fn parse_responses(mut bytes: &[u8]) -> Result<Vec<u16>, String> {
                     .then(|| v.trim().parse().ok())?
             })
             .ok_or_else(|| format!("answer without a length: {head:?}"))?;
+        let length = if head_first && statuses.is_empty() {
+            0
+        } else {
+            length
+        };
         if bytes.len() < head_end + length {
             return Err(format!("cut answer body: {:?}", show()));
         }
@@ -723,6 +730,12 @@ fn rows() -> Vec<Row> {
         row!(RFC9112, "a method with a non-token byte",
             b"G(T / HTTP/1.1\r\nHost: t.example\r\n\r\n",
             refused(400)),
+        row!(RFC9110, "HEAD with a body",
+            b"HEAD / HTTP/1.1\r\nHost: t.example\r\nContent-Length: 5\r\n\r\nhello",
+            refused(400)),
+        row!(RFC9110, "HEAD with Content-Length: 0",
+            b"HEAD / HTTP/1.1\r\nHost: t.example\r\nContent-Length: 0\r\n\r\n",
+            (vec![200, 200], vec![Sent::Whole(fwd("HEAD / HTTP/1.1")), Sent::Whole(fwd("GET /next HTTP/1.1"))])),
         // Connections.
         row!(RFC9112, "Connection: close ends the connection",
             b"GET / HTTP/1.1\r\nHost: t.example\r\nConnection: close\r\n\r\n",
