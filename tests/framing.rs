@@ -245,16 +245,19 @@ impl Drop for Router {
     }
 }
 
-/// Sends `raw` and the follow-up, ends the sending side, and reads until
-/// the router closes: the statuses of the answers, in order.
-fn exchange(addr: SocketAddr, raw: &[u8]) -> Result<Vec<u16>, String> {
+/// Sends `raw` and the follow-up, ends the sending side unless the router
+/// is to close by itself, and reads until the router closes: the statuses
+/// of the answers, in order.
+fn exchange(addr: SocketAddr, raw: &[u8], half_close: bool) -> Result<Vec<u16>, String> {
     let mut conn = TcpStream::connect(addr).map_err(|e| e.to_string())?;
     conn.set_read_timeout(Some(EXCHANGE_TIMEOUT))
         .map_err(|e| e.to_string())?;
     let mut sent = raw.to_vec();
     sent.extend_from_slice(FOLLOW_UP);
     conn.write_all(&sent).map_err(|e| e.to_string())?;
-    let _ = conn.shutdown(Shutdown::Write);
+    if half_close {
+        let _ = conn.shutdown(Shutdown::Write);
+    }
     let mut got = Vec::new();
     match conn.read_to_end(&mut got) {
         Ok(_) => {}
@@ -391,30 +394,40 @@ enum Sent {
     /// Exactly this request.
     Whole(Fwd),
     /// The start of this request at most, never its end: the router was
-    /// streaming the body when it found the body malformed. (Zero
-    /// connections also pass: the edge may not have connected yet.)
+    /// streaming the body when it found the body malformed or cut short.
+    /// (Zero connections also pass: the edge may not have connected yet.)
     Cut(Fwd),
+    /// Exactly these bytes: an upgrade handshake, which the tunnel writes
+    /// itself (names as sent, `Connection: Upgrade` last).
+    Exact(&'static [u8]),
 }
 
 struct Row {
     source: &'static str,
     name: &'static str,
     raw: &'static [u8],
-    /// Statuses of the answers the client gets before the router closes
-    /// (the client sends the row, the follow-up, and then ends its side).
+    expect: Expect,
+}
+
+struct Expect {
+    /// Statuses of the answers the client gets before the router closes.
     answers: Vec<u16>,
     backend: Vec<Sent>,
+    /// The router closes the connection by itself after the last answer.
+    /// Otherwise the client ends its side after the follow-up, and the
+    /// router closes when it reads that end.
+    closes: bool,
 }
 
 /// Refused before anything was forwarded, and closed: the follow-up is
 /// never served.
-fn refused(status: u16) -> (Vec<u16>, Vec<Sent>) {
-    (vec![status], Vec::new())
+fn refused(status: u16) -> Expect {
+    answered(vec![status], Vec::new())
 }
 
 /// Forwarded exactly so, then the follow-up on the same connection.
-fn forwarded(f: Fwd) -> (Vec<u16>, Vec<Sent>) {
-    (
+fn forwarded(f: Fwd) -> Expect {
+    answered(
         vec![200, 200],
         vec![Sent::Whole(f), Sent::Whole(fwd("GET /next HTTP/1.1"))],
     )
@@ -422,14 +435,47 @@ fn forwarded(f: Fwd) -> (Vec<u16>, Vec<Sent>) {
 
 /// Forwarded exactly so, then the connection closes (HTTP/1.0,
 /// `Connection: close`).
-fn forwarded_then_closed(f: Fwd) -> (Vec<u16>, Vec<Sent>) {
-    (vec![200], vec![Sent::Whole(f)])
+fn forwarded_then_closed(f: Fwd) -> Expect {
+    answered_then_closed(vec![200], vec![Sent::Whole(f)])
 }
 
 /// Refused while the body was being streamed: the backend never gets a
 /// whole request.
-fn cut(status: u16, f: Fwd) -> (Vec<u16>, Vec<Sent>) {
-    (vec![status], vec![Sent::Cut(f)])
+fn cut(status: u16, f: Fwd) -> Expect {
+    answered(vec![status], vec![Sent::Cut(f)])
+}
+
+/// The client ends its side in the middle of the body: `400`, and the
+/// backend never gets a whole request.
+fn cut_short(f: Fwd) -> Expect {
+    Expect {
+        answers: vec![400],
+        backend: vec![Sent::Cut(f)],
+        closes: false,
+    }
+}
+
+/// These answers and backend connections; the router closes by itself when
+/// the last answer is one of its refusals of an unreadable request.
+fn answered(answers: Vec<u16>, backend: Vec<Sent>) -> Expect {
+    let closes = answers
+        .last()
+        .is_some_and(|s| [400, 408, 413, 414, 431, 501].contains(s));
+    Expect {
+        answers,
+        backend,
+        closes,
+    }
+}
+
+/// These answers and backend connections, and the router closes after the
+/// last answer.
+fn answered_then_closed(answers: Vec<u16>, backend: Vec<Sent>) -> Expect {
+    Expect {
+        answers,
+        backend,
+        closes: true,
+    }
 }
 
 const ISSUE: &str = "issue 7 (hostile-request corpus)";
@@ -437,17 +483,30 @@ const RFC9112: &str = "RFC 9112";
 const RFC9110: &str = "RFC 9110";
 const OWN: &str = "httprouter";
 
+// llhttp request test vectors (nodejs/llhttp test/request/*.md), one
+// constant per file.
+const LLHTTP_TE: &str = "llhttp test/request/transfer-encoding.md";
+const LLHTTP_CL: &str = "llhttp test/request/content-length.md";
+const LLHTTP_INVALID: &str = "llhttp test/request/invalid.md";
+const LLHTTP_CONNECTION: &str = "llhttp test/request/connection.md";
+const LLHTTP_PIPELINING: &str = "llhttp test/request/pipelining.md";
+const LLHTTP_SAMPLE: &str = "llhttp test/request/sample.md";
+const LLHTTP_URI: &str = "llhttp test/request/uri.md";
+const LLHTTP_METHOD: &str = "llhttp test/request/method.md";
+const LLHTTP_LENIENT_HEADERS: &str = "llhttp test/request/lenient-headers.md";
+const LLHTTP_LENIENT_HEADER_VALUE_RELAXED: &str =
+    "llhttp test/request/lenient-header-value-relaxed.md";
+const LLHTTP_LENIENT_VERSION: &str = "llhttp test/request/lenient-version.md";
+
 macro_rules! row {
-    ($source:expr, $name:expr, $raw:expr, $expect:expr) => {{
-        let (answers, backend) = $expect;
+    ($source:expr, $name:expr, $raw:expr, $expect:expr) => {
         Row {
             source: $source,
             name: $name,
             raw: $raw,
-            answers,
-            backend,
+            expect: $expect,
         }
-    }};
+    };
 }
 
 fn rows() -> Vec<Row> {
@@ -629,7 +688,7 @@ fn rows() -> Vec<Row> {
             forwarded(post.clone().body(Length(b"hello")))),
         row!(RFC9112, "a Content-Length that swallows the follow-up's start",
             b"POST / HTTP/1.1\r\nHost: t.example\r\nContent-Length: 10\r\n\r\nabc",
-            (vec![200, 400], vec![Sent::Whole(post.clone().body(Length(b"abcGET /ne")))])),
+            answered(vec![200, 400], vec![Sent::Whole(post.clone().body(Length(b"abcGET /ne")))])),
         row!(RFC9112, "Transfer-Encoding in HTTP/1.0",
             b"POST / HTTP/1.0\r\nHost: t.example\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             refused(400)),
@@ -735,7 +794,7 @@ fn rows() -> Vec<Row> {
             refused(400)),
         row!(RFC9110, "HEAD with Content-Length: 0",
             b"HEAD / HTTP/1.1\r\nHost: t.example\r\nContent-Length: 0\r\n\r\n",
-            (vec![200, 200], vec![Sent::Whole(fwd("HEAD / HTTP/1.1")), Sent::Whole(fwd("GET /next HTTP/1.1"))])),
+            answered(vec![200, 200], vec![Sent::Whole(fwd("HEAD / HTTP/1.1")), Sent::Whole(fwd("GET /next HTTP/1.1"))])),
         // Connections.
         row!(RFC9112, "Connection: close ends the connection",
             b"GET / HTTP/1.1\r\nHost: t.example\r\nConnection: close\r\n\r\n",
@@ -745,7 +804,7 @@ fn rows() -> Vec<Row> {
             forwarded_then_closed(fwd("GET / HTTP/1.1"))),
         row!(RFC9112, "pipelined requests are answered in order",
             b"GET /1 HTTP/1.1\r\nHost: t.example\r\n\r\nPOST /2 HTTP/1.1\r\nHost: t.example\r\nContent-Length: 2\r\n\r\nhi",
-            (vec![200, 200, 200], vec![
+            answered(vec![200, 200, 200], vec![
                 Sent::Whole(fwd("GET /1 HTTP/1.1")),
                 Sent::Whole(fwd("POST /2 HTTP/1.1").body(Length(b"hi"))),
                 Sent::Whole(fwd("GET /next HTTP/1.1")),
@@ -755,7 +814,1254 @@ fn rows() -> Vec<Row> {
             refused(400)),
         row!(RFC9110, "an unknown expectation",
             b"GET / HTTP/1.1\r\nHost: t.example\r\nExpect: 100-continue-please\r\n\r\n",
-            (vec![417, 200], vec![Sent::Whole(fwd("GET /next HTTP/1.1"))])),
+            answered(vec![417, 200], vec![Sent::Whole(fwd("GET /next HTTP/1.1"))])),
+        // llhttp's request test vectors, adapted: a `Host: t.example` first
+        // header where the vector has none, and `t.example` for any other
+        // Host value (rows marked " (Host: t.example)"); the rest byte for
+        // byte. The expectations follow the router's rules, not llhttp's.
+        // llhttp test/request/transfer-encoding.md
+        row!(LLHTTP_TE, "Parsing and setting flag (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Transfer-Encoding: chunked\r\n\
+            \r\n",
+            cut(400, fwd("PUT /url HTTP/1.1").body(Chunks(&[])))),
+        row!(LLHTTP_TE, "Parse chunks with lowercase size (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Transfer-Encoding: chunked\r\n\
+            \r\n\
+            a\r\n\
+            0123456789\r\n\
+            0\r\n\
+            \r\n",
+            forwarded(fwd("PUT /url HTTP/1.1").body(Chunks(&[b"0123456789"])))),
+        row!(LLHTTP_TE, "Parse chunks with uppercase size (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Transfer-Encoding: chunked\r\n\
+            \r\n\
+            A\r\n\
+            0123456789\r\n\
+            0\r\n\
+            \r\n",
+            forwarded(fwd("PUT /url HTTP/1.1").body(Chunks(&[b"0123456789"])))),
+        row!(LLHTTP_TE, "POST with `Transfer-Encoding: chunked` (Host: t.example)",
+            b"POST /post_chunked_all_your_base HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Transfer-Encoding: chunked\r\n\
+            \r\n\
+            1e\r\n\
+            all your base are belong to us\r\n\
+            0\r\n\
+            \r\n",
+            forwarded(fwd("POST /post_chunked_all_your_base HTTP/1.1").body(Chunks(&[b"all your base are belong to us"])))),
+        row!(LLHTTP_TE, "Two chunks and triple zero prefixed end chunk (Host: t.example)",
+            b"POST /two_chunks_mult_zero_end HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Transfer-Encoding: chunked\r\n\
+            \r\n\
+            5\r\n\
+            hello\r\n\
+            6\r\n\
+            \x20world\r\n\
+            000\r\n\
+            \r\n",
+            forwarded(fwd("POST /two_chunks_mult_zero_end HTTP/1.1").body(Chunks(&[b"hello", b" world"])))),
+        row!(LLHTTP_TE, "Trailing headers (Host: t.example)",
+            b"POST /chunked_w_trailing_headers HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Transfer-Encoding: chunked\r\n\
+            \r\n\
+            5\r\n\
+            hello\r\n\
+            6\r\n\
+            \x20world\r\n\
+            0\r\n\
+            Vary: *\r\n\
+            Content-Type: text/plain\r\n\
+            \r\n",
+            forwarded(fwd("POST /chunked_w_trailing_headers HTTP/1.1").body(Chunks(&[b"hello", b" world"])))),
+        row!(LLHTTP_TE, "Chunk extensions (Host: t.example)",
+            b"POST /chunked_w_unicorns_after_length HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Transfer-Encoding: chunked\r\n\
+            \r\n\
+            5;ilovew3;somuchlove=aretheseparametersfor;another=withvalue\r\n\
+            hello\r\n\
+            6;blahblah;blah\r\n\
+            \x20world\r\n\
+            0\r\n",
+            cut(400, fwd("POST /chunked_w_unicorns_after_length HTTP/1.1").body(Chunks(&[b"hello", b" world"])))),
+        row!(LLHTTP_TE, "No semicolon before chunk extensions (Host: t.example)",
+            b"POST /chunked_w_unicorns_after_length HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Transfer-encoding: chunked\r\n\
+            \r\n\
+            2 erfrferferf\r\n\
+            aa\r\n\
+            0 rrrr\r\n\
+            \r\n",
+            cut(400, fwd("POST /chunked_w_unicorns_after_length HTTP/1.1").body(Chunks(&[])))),
+        row!(LLHTTP_TE, "No extension after semicolon (Host: t.example)",
+            b"POST /chunked_w_unicorns_after_length HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Transfer-encoding: chunked\r\n\
+            \r\n\
+            2;\r\n\
+            aa\r\n\
+            0\r\n\
+            \r\n",
+            cut(400, fwd("POST /chunked_w_unicorns_after_length HTTP/1.1").body(Chunks(&[])))),
+        row!(LLHTTP_TE, "Chunk extensions quoting (Host: t.example)",
+            b"POST /chunked_w_unicorns_after_length HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Transfer-Encoding: chunked\r\n\
+            \r\n\
+            5;ilovew3=\"I \\\"love\\\"; \\\\extensions\\\\\";somuchlove=\"aretheseparametersfor\";blah;foo=bar\r\n\
+            hello\r\n\
+            6;blahblah;blah\r\n\
+            \x20world\r\n\
+            0\r\n",
+            cut(400, fwd("POST /chunked_w_unicorns_after_length HTTP/1.1").body(Chunks(&[b"hello", b" world"])))),
+        row!(LLHTTP_TE, "Unbalanced chunk extensions quoting (Host: t.example)",
+            b"POST /chunked_w_unicorns_after_length HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Transfer-Encoding: chunked\r\n\
+            \r\n\
+            5;ilovew3=\"abc\";somuchlove=\"def; ghi\r\n\
+            hello\r\n\
+            6;blahblah;blah\r\n\
+            \x20world\r\n\
+            0\r\n",
+            cut(400, fwd("POST /chunked_w_unicorns_after_length HTTP/1.1").body(Chunks(&[])))),
+        row!(LLHTTP_TE, "Ignoring `pigeons` (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Transfer-Encoding: pigeons\r\n\
+            \r\n",
+            refused(501)),
+        row!(LLHTTP_TE, "POST with `Transfer-Encoding` and `Content-Length` (Host: t.example)",
+            b"POST /post_identity_body_world?q=search#hey HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Accept: */*\r\n\
+            Transfer-Encoding: identity\r\n\
+            Content-Length: 5\r\n\
+            \r\n\
+            World",
+            refused(400)),
+        row!(LLHTTP_TE, "POST with `Transfer-Encoding` and `Content-Length` (lenient) (Host: t.example)",
+            b"POST /post_identity_body_world?q=search#hey HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Accept: */*\r\n\
+            Transfer-Encoding: identity\r\n\
+            Content-Length: 1\r\n\
+            \r\n\
+            World",
+            refused(400)),
+        row!(LLHTTP_TE, "POST with empty `Transfer-Encoding` and `Content-Length` (lenient) (Host: t.example)",
+            b"POST / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Length: 10\r\n\
+            Transfer-Encoding:\r\n\
+            Transfer-Encoding:\r\n\
+            Transfer-Encoding:\r\n\
+            \r\n\
+            2\r\n\
+            AA\r\n\
+            0",
+            refused(400)),
+        row!(LLHTTP_TE, "POST with `chunked` before other transfer coding names (Host: t.example)",
+            b"POST /post_identity_body_world?q=search#hey HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Accept: */*\r\n\
+            Transfer-Encoding: chunked, deflate\r\n\
+            \r\n\
+            World",
+            refused(501)),
+        row!(LLHTTP_TE, "POST with `chunked` and duplicate transfer-encoding (Host: t.example)",
+            b"POST /post_identity_body_world?q=search#hey HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Accept: */*\r\n\
+            Transfer-Encoding: chunked\r\n\
+            Transfer-Encoding: deflate\r\n\
+            \r\n\
+            World",
+            refused(501)),
+        row!(LLHTTP_TE, "POST with `chunked` before other transfer-coding (lenient) (Host: t.example)",
+            b"POST /post_identity_body_world?q=search#hey HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Accept: */*\r\n\
+            Transfer-Encoding: chunked, deflate\r\n\
+            \r\n\
+            World",
+            refused(501)),
+        row!(LLHTTP_TE, "POST with `chunked` and duplicate transfer-encoding (lenient) (Host: t.example)",
+            b"POST /post_identity_body_world?q=search#hey HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Accept: */*\r\n\
+            Transfer-Encoding: chunked\r\n\
+            Transfer-Encoding: deflate\r\n\
+            \r\n\
+            World",
+            refused(501)),
+        row!(LLHTTP_TE, "POST with `chunked` as last transfer-encoding (Host: t.example)",
+            b"POST /post_identity_body_world?q=search#hey HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Accept: */*\r\n\
+            Transfer-Encoding: deflate, chunked\r\n\
+            \r\n\
+            5\r\n\
+            World\r\n\
+            0\r\n\
+            \r\n",
+            refused(501)),
+        row!(LLHTTP_TE, "POST with `chunked` as last transfer-encoding (multiple headers) (Host: t.example)",
+            b"POST /post_identity_body_world?q=search#hey HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Accept: */*\r\n\
+            Transfer-Encoding: deflate\r\n\
+            Transfer-Encoding: chunked\r\n\
+            \r\n\
+            5\r\n\
+            World\r\n\
+            0\r\n\
+            \r\n",
+            refused(501)),
+        row!(LLHTTP_TE, "POST with `chunkedchunked` as transfer-encoding (Host: t.example)",
+            b"POST /post_identity_body_world?q=search#hey HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Accept: */*\r\n\
+            Transfer-Encoding: chunkedchunked\r\n\
+            \r\n\
+            5\r\n\
+            World\r\n\
+            0\r\n\
+            \r\n",
+            refused(501)),
+        row!(LLHTTP_TE, "Missing last-chunk (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Transfer-Encoding: chunked\r\n\
+            \r\n\
+            3\r\n\
+            foo\r\n\
+            \r\n",
+            cut(400, fwd("PUT /url HTTP/1.1").body(Chunks(&[b"foo"])))),
+        row!(LLHTTP_TE, "Validate chunk parameters (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Transfer-Encoding: chunked\r\n\
+            \r\n\
+            3 \n\
+            \x20 \r\n\
+            foo\r\n\
+            \r\n",
+            cut(400, fwd("PUT /url HTTP/1.1").body(Chunks(&[])))),
+        row!(LLHTTP_TE, "Invalid OBS fold after chunked value (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Transfer-Encoding: chunked\r\n\
+            \x20 abc\r\n\
+            \r\n\
+            5\r\n\
+            World\r\n\
+            0\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_TE, "Chunk header not terminated by CRLF (Host: t.example)",
+            b"GET / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: close \r\n\
+            Transfer-Encoding: chunked \r\n\
+            \r\n\
+            5\r\r;ABCD\r\n\
+            34\r\n\
+            E\r\n\
+            0\r\n\
+            \r\n\
+            GET / HTTP/1.1 \r\n\
+            Host: t.example\r\n\
+            Content-Length: 5\r\n\
+            \r\n\
+            0\r\n",
+            cut(400, fwd("GET / HTTP/1.1").body(Chunks(&[])))),
+        row!(LLHTTP_TE, "Chunk header not terminated by CRLF (lenient) (Host: t.example)",
+            b"GET / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: close \r\n\
+            Transfer-Encoding: chunked \r\n\
+            \r\n\
+            6\r\r;ABCD\r\n\
+            33\r\n\
+            E\r\n\
+            0\r\n\
+            \r\n\
+            GET / HTTP/1.1 \r\n\
+            Host: t.example\r\n\
+            Content-Length: 5\r\n\
+            0\r\n\
+            \r\n",
+            cut(400, fwd("GET / HTTP/1.1").body(Chunks(&[])))),
+        row!(LLHTTP_TE, "Chunk data not terminated by CRLF (Host: t.example)",
+            b"GET / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: close \r\n\
+            Transfer-Encoding: chunked \r\n\
+            \r\n\
+            5\r\n\
+            ABCDE0\r\n",
+            cut(400, fwd("GET / HTTP/1.1").body(Chunks(&[b"ABCDE"])))),
+        row!(LLHTTP_TE, "Chunk data not terminated by CRLF (lenient) (Host: t.example)",
+            b"GET / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: close \r\n\
+            Transfer-Encoding: chunked \r\n\
+            \r\n\
+            5\r\n\
+            ABCDE0\r\n",
+            cut(400, fwd("GET / HTTP/1.1").body(Chunks(&[b"ABCDE"])))),
+        row!(LLHTTP_TE, "Space after chunk header (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Transfer-Encoding: chunked\r\n\
+            \r\n\
+            a \r\n\
+            0123456789\r\n\
+            0\r\n\
+            \r\n",
+            cut(400, fwd("PUT /url HTTP/1.1").body(Chunks(&[])))),
+        row!(LLHTTP_TE, "Space after chunk header (lenient) (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Transfer-Encoding: chunked\r\n\
+            \r\n\
+            a \r\n\
+            0123456789\r\n\
+            0\r\n\
+            \r\n",
+            cut(400, fwd("PUT /url HTTP/1.1").body(Chunks(&[])))),
+        // llhttp test/request/content-length.md
+        row!(LLHTTP_CL, "`Content-Length` with zeroes (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Length: 003\r\n\
+            \r\n\
+            abc",
+            forwarded(fwd("PUT /url HTTP/1.1").body(Length(b"abc")))),
+        row!(LLHTTP_CL, "`Content-Length` with follow-up headers (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Length: 003\r\n\
+            Ohai: world\r\n\
+            \r\n\
+            abc",
+            forwarded(fwd("PUT /url HTTP/1.1").headers(&["ohai: world"]).body(Length(b"abc")))),
+        row!(LLHTTP_CL, "Error on `Content-Length` overflow (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Length: 1000000000000000000000\r\n",
+            refused(400)),
+        row!(LLHTTP_CL, "Error on duplicate `Content-Length` (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Length: 1\r\n\
+            Content-Length: 2\r\n",
+            refused(400)),
+        row!(LLHTTP_CL, "Error on simultaneous `Content-Length` and `Transfer-Encoding: identity` (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Length: 1\r\n\
+            Transfer-Encoding: identity\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_CL, "Invalid whitespace token with `Content-Length` header field (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: upgrade\r\n\
+            Content-Length : 4\r\n\
+            Upgrade: ws\r\n\
+            \r\n\
+            abcdefgh",
+            refused(400)),
+        row!(LLHTTP_CL, "Invalid whitespace token with `Content-Length` header field (lenient) (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: upgrade\r\n\
+            Content-Length : 4\r\n\
+            Upgrade: ws\r\n\
+            \r\n\
+            abcdefgh",
+            refused(400)),
+        row!(LLHTTP_CL, "No error on simultaneous `Content-Length` and `Transfer-Encoding: identity` (lenient) (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Length: 1\r\n\
+            Transfer-Encoding: identity\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_CL, "Funky `Content-Length` with body (Host: t.example)",
+            b"GET /get_funky_content_length_body_hello HTTP/1.0\r\n\
+            Host: t.example\r\n\
+            conTENT-Length: 5\r\n\
+            \r\n\
+            HELLO",
+            forwarded_then_closed(fwd("GET /get_funky_content_length_body_hello HTTP/1.1").body(Length(b"HELLO")))),
+        row!(LLHTTP_CL, "Spaces in `Content-Length` (surrounding) (Host: t.example)",
+            b"POST / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Length:  42 \r\n\
+            \r\n",
+            // The follow-up's 39 bytes are body; the client then stops.
+            cut_short(post.clone().body(Length(b"GET /next HTTP/1.1\r\nHost: t.example\r\n\r\n???")))),
+        row!(LLHTTP_CL, "Tabs in `Content-Length` (surrounding) (Host: t.example)",
+            b"POST / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Length:\t42\t  \r\n\
+            \r\n",
+            cut_short(post.clone().body(Length(b"GET /next HTTP/1.1\r\nHost: t.example\r\n\r\n???")))),
+        row!(LLHTTP_CL, "Spaces in `Content-Length` #2 (Host: t.example)",
+            b"POST / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Length: 4 2\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_CL, "Spaces in `Content-Length` #3 (Host: t.example)",
+            b"POST / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Length: 13 37\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_CL, "Empty `Content-Length` (Host: t.example)",
+            b"POST / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Length:\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_CL, "`Content-Length` with CR instead of dash (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content\rLength: 003\r\n\
+            \r\n\
+            abc",
+            refused(400)),
+        row!(LLHTTP_CL, "Missing CRLF-CRLF before body (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Length: 3\r\n\
+            \rabc",
+            refused(400)),
+        row!(LLHTTP_CL, "Missing CRLF-CRLF before body (lenient) (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Length: 3\r\n\
+            \rabc",
+            refused(400)),
+        // llhttp test/request/invalid.md
+        row!(LLHTTP_INVALID, "ICE protocol and GET method (Host: t.example)",
+            b"GET /music/sweet/music ICE/1.0\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_INVALID, "ICE protocol, but not really (Host: t.example)",
+            b"GET /music/sweet/music IHTTP/1.0\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_INVALID, "RTSP protocol and PUT method (Host: t.example)",
+            b"PUT /music/sweet/music RTSP/1.0\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_INVALID, "HTTP protocol and ANNOUNCE method (Host: t.example)",
+            b"ANNOUNCE /music/sweet/music HTTP/1.0\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            forwarded_then_closed(fwd("ANNOUNCE /music/sweet/music HTTP/1.1"))),
+        row!(LLHTTP_INVALID, "Headers separated by CR (Host: t.example)",
+            b"GET / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Foo: 1\rBar: 2\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_INVALID, "Headers separated by LF (Host: t.example)",
+            b"POST / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            x:x\n\
+            Transfer-Encoding: chunked\r\n\
+            \r\n\
+            1\r\n\
+            A\r\n\
+            0\r\n",
+            refused(400)),
+        row!(LLHTTP_INVALID, "Headers separated by dummy characters (Host: t.example)",
+            b"GET / HTTP/1.1\r\n\
+            Connection: close\r\n\
+            Host: t.example\r\n\
+            \rZGET /evil: HTTP/1.1\r\n\
+            Host: t.example\r\n",
+            refused(400)),
+        row!(LLHTTP_INVALID, "Headers separated by dummy characters (lenient) (Host: t.example)",
+            b"GET / HTTP/1.1\r\n\
+            Connection: close\r\n\
+            Host: t.example\r\n\
+            \rZGET /evil: HTTP/1.1\r\n\
+            Host: t.example\r\n",
+            refused(400)),
+        row!(LLHTTP_INVALID, "Empty headers separated by CR (Host: t.example)",
+            b"POST / HTTP/1.1\r\n\
+            Connection: Close\r\n\
+            Host: t.example\r\n\
+            x:\rTransfer-Encoding: chunked\r\n\
+            \r\n\
+            1\r\n\
+            A\r\n\
+            0\r\n",
+            refused(400)),
+        row!(LLHTTP_INVALID, "Empty headers separated by LF (Host: t.example)",
+            b"POST / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            x:\n\
+            Transfer-Encoding: chunked\r\n\
+            \r\n\
+            1\r\n\
+            A\r\n\
+            0\r\n",
+            refused(400)),
+        row!(LLHTTP_INVALID, "Invalid header token #1 (Host: t.example)",
+            b"GET / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Fo@: Failure\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_INVALID, "Invalid header token #2 (Host: t.example)",
+            b"GET / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Foo\x01\test: Bar\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_INVALID, "Invalid header token #3 (Host: t.example)",
+            b"GET / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            : Bar\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_INVALID, "Invalid method (Host: t.example)",
+            b"MKCOLA / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            forwarded(fwd("MKCOLA / HTTP/1.1"))),
+        row!(LLHTTP_INVALID, "Illegal header field name line folding (Host: t.example)",
+            b"GET / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            name\r\n\
+            \x20: value\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_INVALID, "Corrupted Connection header (Host: t.example)",
+            b"GET / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection\r\x1b5\xc3\x95eep-Alive\r\n\
+            Accept-Encoding: gzip\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_INVALID, "Corrupted header name (Host: t.example)",
+            b"GET / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            X-Some-Header\r\x1b5\xc3\x95eep-Alive\r\n\
+            Accept-Encoding: gzip\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_INVALID, "Missing CR between headers (Host: t.example)",
+            b"GET / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Dummy: x\n\
+            Content-Length: 23\r\n\
+            \r\n\
+            GET / HTTP/1.1\r\n\
+            Dummy: GET /admin HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_INVALID, "Invalid HTTP version",
+            b"GET / HTTP/5.6",
+            refused(400)),
+        row!(LLHTTP_INVALID, "Invalid space after start line (Host: t.example)",
+            b"GET / HTTP/1.1\r\n\
+            \x20Host: t.example",
+            refused(400)),
+        row!(LLHTTP_INVALID, "Only LFs present",
+            b"POST / HTTP/1.1\n\
+            Transfer-Encoding: chunked\n\
+            Trailer: Baz\r\n\
+            Foo: abc\n\
+            Bar: def\n\
+            \n\
+            1\n\
+            A\n\
+            1;abc\n\
+            B\n\
+            1;def=ghi\n\
+            C\n\
+            1;jkl=\"mno\"\n\
+            D\n\
+            0\n\
+            \n\
+            Baz: ghi\n\
+            \n\
+            \\",
+            refused(400)),
+        row!(LLHTTP_INVALID, "Only LFs present (lenient)",
+            b"POST / HTTP/1.1\n\
+            Transfer-Encoding: chunked\n\
+            Trailer: Baz\r\n\
+            Foo: abc\n\
+            Bar: def\n\
+            \n\
+            1\n\
+            A\n\
+            1;abc\n\
+            B\n\
+            1;def=ghi\n\
+            C\n\
+            1;jkl=\"mno\"\n\
+            D\n\
+            0\n\
+            \n\
+            Baz: ghi\n\
+            \n",
+            refused(400)),
+        row!(LLHTTP_INVALID, "Spaces before headers (Host: t.example)",
+            b"POST /hello HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Foo: bar\r\n\
+            \x20Content-Length: 38\r\n\
+            \r\n\
+            GET /bye HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_INVALID, "Spaces before headers (lenient) (Host: t.example)",
+            b"POST /hello HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Foo: bar\r\n\
+            \x20Content-Length: 38\r\n\
+            \r\n\
+            GET /bye HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            refused(400)),
+        // llhttp test/request/connection.md
+        row!(LLHTTP_CONNECTION, "Setting flag (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: keep-alive\r\n\
+            \r\n",
+            forwarded(fwd("PUT /url HTTP/1.1").body(Empty))),
+        row!(LLHTTP_CONNECTION, "Restarting when keep-alive is explicitly (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: keep-alive\r\n\
+            \r\n\
+            PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: keep-alive\r\n\
+            \r\n",
+            answered(vec![200, 200, 200], vec![Sent::Whole(fwd("PUT /url HTTP/1.1").body(Empty)), Sent::Whole(fwd("PUT /url HTTP/1.1").body(Empty)), Sent::Whole(fwd("GET /next HTTP/1.1"))])),
+        row!(LLHTTP_CONNECTION, "No restart when keep-alive is off (1.0) (Host: t.example)",
+            b"PUT /url HTTP/1.0\r\n\
+            Host: t.example\r\n\
+            \r\n\
+            PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            forwarded_then_closed(fwd("PUT /url HTTP/1.1").body(Empty))),
+        row!(LLHTTP_CONNECTION, "Resetting flags when keep-alive is off (1.0, lenient) (Host: t.example)",
+            b"PUT /url HTTP/1.0\r\n\
+            Host: t.example\r\n\
+            Content-Length: 0\r\n\
+            \r\n\
+            PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Transfer-Encoding: chunked\r\n\
+            \r\n",
+            forwarded_then_closed(fwd("PUT /url HTTP/1.1").body(Empty))),
+        row!(LLHTTP_CONNECTION, "CRLF between requests, implicit `keep-alive` (Host: t.example)",
+            b"POST / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Type: application/x-www-form-urlencoded\r\n\
+            Content-Length: 4\r\n\
+            \r\n\
+            q=42\r\n\
+            \r\n\
+            GET / HTTP/1.1",
+            answered(vec![200, 400], vec![Sent::Whole(fwd("POST / HTTP/1.1").headers(&["content-type: application/x-www-form-urlencoded"]).body(Length(b"q=42")))])),
+        row!(LLHTTP_CONNECTION, "Not treating `\\r` as `-` (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: keep\ralive\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_CONNECTION, "Setting flag on `close` (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: close\r\n\
+            \r\n",
+            forwarded_then_closed(fwd("PUT /url HTTP/1.1").body(Empty))),
+        row!(LLHTTP_CONNECTION, "Setting flag on `close` followed by tab (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: close\t\r\n\
+            \r\n",
+            forwarded_then_closed(fwd("PUT /url HTTP/1.1").body(Empty))),
+        row!(LLHTTP_CONNECTION, "CRLF between requests, explicit `close` (Host: t.example)",
+            b"POST / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Type: application/x-www-form-urlencoded\r\n\
+            Content-Length: 4\r\n\
+            Connection: close\r\n\
+            \r\n\
+            q=42\r\n\
+            \r\n\
+            GET / HTTP/1.1",
+            forwarded_then_closed(fwd("POST / HTTP/1.1").headers(&["content-type: application/x-www-form-urlencoded"]).body(Length(b"q=42")))),
+        row!(LLHTTP_CONNECTION, "CRLF between requests, explicit `close` followed by tab (Host: t.example)",
+            b"POST / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Type: application/x-www-form-urlencoded\r\n\
+            Content-Length: 4\r\n\
+            Connection: close\t\r\n\
+            \r\n\
+            q=42\r\n\
+            \r\n\
+            GET / HTTP/1.1",
+            forwarded_then_closed(fwd("POST / HTTP/1.1").headers(&["content-type: application/x-www-form-urlencoded"]).body(Length(b"q=42")))),
+        row!(LLHTTP_CONNECTION, "CRLF between requests, explicit `close` (lenient) (Host: t.example)",
+            b"POST / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Type: application/x-www-form-urlencoded\r\n\
+            Content-Length: 4\r\n\
+            Connection: close\r\n\
+            \r\n\
+            q=42\r\n\
+            \r\n\
+            GET / HTTP/1.1",
+            forwarded_then_closed(fwd("POST / HTTP/1.1").headers(&["content-type: application/x-www-form-urlencoded"]).body(Length(b"q=42")))),
+        row!(LLHTTP_CONNECTION, "Sample (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: close, token, upgrade, token, keep-alive\r\n\
+            \r\n",
+            forwarded_then_closed(fwd("PUT /url HTTP/1.1").body(Empty))),
+        row!(LLHTTP_CONNECTION, "Multiple tokens with folding and LWS (Host: t.example)",
+            b"GET /demo HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: keep-alive, upgrade\r\n\
+            Upgrade: WebSocket\r\n\
+            \r\n\
+            Hot diggity dogg",
+            // An upgrade the backend answers with a plain 200: passed on,
+            // then closed; the bytes after the head are never forwarded.
+            answered_then_closed(vec![200], vec![Sent::Exact(b"GET /demo HTTP/1.1\r\nHost: t.example\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: t.example\r\nConnection: Upgrade\r\nUpgrade: WebSocket\r\n\r\n")])),
+        row!(LLHTTP_CONNECTION, "Setting a flag and pausing (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: upgrade\r\n\
+            Upgrade: ws\r\n\
+            \r\n",
+            answered_then_closed(vec![200], vec![Sent::Exact(b"PUT /url HTTP/1.1\r\nHost: t.example\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: t.example\r\nConnection: Upgrade\r\nUpgrade: ws\r\n\r\n")])),
+        row!(LLHTTP_CONNECTION, "Upgrade GET request (Host: t.example)",
+            b"GET /demo HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: Upgrade\r\n\
+            Sec-WebSocket-Key2: 12998 5 Y3 1  .P00\r\n\
+            Sec-WebSocket-Protocol: sample\r\n\
+            Upgrade: WebSocket\r\n\
+            Sec-WebSocket-Key1: 4 @1  46546xW%0l 1 5\r\n\
+            Origin: http://example.com\r\n\
+            \r\n\
+            Hot diggity dogg",
+            answered_then_closed(vec![200], vec![Sent::Exact(b"GET /demo HTTP/1.1\r\nSec-WebSocket-Key2: 12998 5 Y3 1  .P00\r\nSec-WebSocket-Protocol: sample\r\nSec-WebSocket-Key1: 4 @1  46546xW%0l 1 5\r\nOrigin: http://example.com\r\nHost: t.example\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: t.example\r\nConnection: Upgrade\r\nUpgrade: WebSocket\r\n\r\n")])),
+        row!(LLHTTP_CONNECTION, "Multiple tokens with folding (Host: t.example)",
+            b"GET /demo HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: Something,\r\n\
+            \x20Upgrade, ,Keep-Alive\r\n\
+            Sec-WebSocket-Key2: 12998 5 Y3 1  .P00\r\n\
+            Sec-WebSocket-Protocol: sample\r\n\
+            Upgrade: WebSocket\r\n\
+            Sec-WebSocket-Key1: 4 @1  46546xW%0l 1 5\r\n\
+            Origin: http://example.com\r\n\
+            \r\n\
+            Hot diggity dogg",
+            refused(400)),
+        row!(LLHTTP_CONNECTION, "Multiple tokens with folding, LWS, and CRLF (Host: t.example)",
+            b"GET /demo HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: keep-alive, \r\n\
+            \x20upgrade\r\n\
+            Upgrade: WebSocket\r\n\
+            \r\n\
+            Hot diggity dogg",
+            refused(400)),
+        row!(LLHTTP_CONNECTION, "Invalid whitespace token with `Connection` header field (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection : upgrade\r\n\
+            Content-Length: 4\r\n\
+            Upgrade: ws\r\n\
+            \r\n\
+            abcdefgh",
+            refused(400)),
+        row!(LLHTTP_CONNECTION, "Invalid whitespace token with `Connection` header field (lenient) (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection : upgrade\r\n\
+            Content-Length: 4\r\n\
+            Upgrade: ws\r\n\
+            \r\n\
+            abcdefgh",
+            refused(400)),
+        row!(LLHTTP_CONNECTION, "Emitting part of body and pausing (Host: t.example)",
+            b"PUT /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: upgrade\r\n\
+            Content-Length: 4\r\n\
+            Upgrade: ws\r\n\
+            \r\n\
+            abcdefgh",
+            answered(vec![200, 200], vec![Sent::Whole(fwd("PUT /url HTTP/1.1").body(Length(b"abcd"))), Sent::Whole(fwd("efghGET /next HTTP/1.1"))])),
+        row!(LLHTTP_CONNECTION, "Upgrade POST request (Host: t.example)",
+            b"POST /demo HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Connection: Upgrade\r\n\
+            Upgrade: HTTP/2.0\r\n\
+            Content-Length: 15\r\n\
+            \r\n\
+            sweet post bodyHot diggity dogg",
+            answered(vec![200, 400], vec![Sent::Whole(fwd("POST /demo HTTP/1.1").body(Length(b"sweet post body")))])),
+        // llhttp test/request/pipelining.md
+        row!(LLHTTP_PIPELINING, "Should parse multiple events (Host: t.example)",
+            b"POST /aaa HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Length: 3\r\n\
+            \r\n\
+            AAA\r\n\
+            PUT /bbb HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Length: 4\r\n\
+            \r\n\
+            BBBB\r\n\
+            PATCH /ccc HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Length: 5\r\n\
+            \r\n\
+            CCCC",
+            answered(vec![200, 200, 200, 200], vec![Sent::Whole(fwd("POST /aaa HTTP/1.1").body(Length(b"AAA"))), Sent::Whole(fwd("PUT /bbb HTTP/1.1").body(Length(b"BBBB"))), Sent::Whole(fwd("PATCH /ccc HTTP/1.1").body(Length(b"CCCCG"))), Sent::Whole(fwd("ET /next HTTP/1.1"))])),
+        // llhttp test/request/sample.md
+        row!(LLHTTP_SAMPLE, "Request with method starting with `H` (Host: t.example)",
+            b"HEAD /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            forwarded(fwd("HEAD /url HTTP/1.1"))),
+        row!(LLHTTP_SAMPLE, "Simple request (Host: t.example)",
+            b"OPTIONS /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Header1: Value1\r\n\
+            Header2:\t Value2\r\n\
+            \r\n",
+            forwarded(fwd("OPTIONS /url HTTP/1.1").headers(&["header1: Value1", "header2: Value2"]))),
+        row!(LLHTTP_SAMPLE, "curl GET (Host: t.example)",
+            b"GET /test HTTP/1.1\r\n\
+            User-Agent: curl/7.18.0 (i486-pc-linux-gnu) libcurl/7.18.0 OpenSSL/0.9.8g zlib/1.2.3.3 libidn/1.1\r\n\
+            Host: t.example\r\n\
+            Accept: */*\r\n\
+            \r\n",
+            forwarded(fwd("GET /test HTTP/1.1").headers(&["user-agent: curl/7.18.0 (i486-pc-linux-gnu) libcurl/7.18.0 OpenSSL/0.9.8g zlib/1.2.3.3 libidn/1.1", "accept: */*"]))),
+        row!(LLHTTP_SAMPLE, "Firefox GET (Host: t.example)",
+            b"GET /favicon.ico HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            User-Agent: Mozilla/5.0 (X11; U; Linux i686; en-US; rv:1.9) Gecko/2008061015 Firefox/3.0\r\n\
+            Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8\r\n\
+            Accept-Language: en-us,en;q=0.5\r\n\
+            Accept-Encoding: gzip,deflate\r\n\
+            Accept-Charset: ISO-8859-1,utf-8;q=0.7,*;q=0.7\r\n\
+            Keep-Alive: 300\r\n\
+            Connection: keep-alive\r\n\
+            \r\n",
+            forwarded(fwd("GET /favicon.ico HTTP/1.1").headers(&["user-agent: Mozilla/5.0 (X11; U; Linux i686; en-US; rv:1.9) Gecko/2008061015 Firefox/3.0", "accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8", "accept-language: en-us,en;q=0.5", "accept-encoding: gzip,deflate", "accept-charset: ISO-8859-1,utf-8;q=0.7,*;q=0.7"]))),
+        row!(LLHTTP_SAMPLE, "DUMBPACK (Host: t.example)",
+            b"GET /dumbpack HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            aaaaaaaaaaaaa:++++++++++\r\n\
+            \r\n",
+            forwarded(fwd("GET /dumbpack HTTP/1.1").headers(&["aaaaaaaaaaaaa: ++++++++++"]))),
+        row!(LLHTTP_SAMPLE, "No headers and no body (Host: t.example)",
+            b"GET /get_no_headers_no_body/world HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            forwarded(fwd("GET /get_no_headers_no_body/world HTTP/1.1"))),
+        row!(LLHTTP_SAMPLE, "One header and no body (Host: t.example)",
+            b"GET /get_one_header_no_body HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Accept: */*\r\n\
+            \r\n",
+            forwarded(fwd("GET /get_one_header_no_body HTTP/1.1").headers(&["accept: */*"]))),
+        row!(LLHTTP_SAMPLE, "Apache bench GET (Host: t.example)",
+            b"GET /test HTTP/1.0\r\n\
+            Host: t.example\r\n\
+            User-Agent: ApacheBench/2.3\r\n\
+            Accept: */*\r\n\
+            \r\n",
+            forwarded_then_closed(fwd("GET /test HTTP/1.1").headers(&["user-agent: ApacheBench/2.3", "accept: */*"]))),
+        row!(LLHTTP_SAMPLE, "Prefix newline (Host: t.example)",
+            b"\r\n\
+            GET /test HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            forwarded(fwd("GET /test HTTP/1.1"))),
+        row!(LLHTTP_SAMPLE, "No HTTP version",
+            b"GET /\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_SAMPLE, "Line folding in header value with CRLF (Host: t.example)",
+            b"GET / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Line1:   abc\r\n\
+            \tdef\r\n\
+            \x20ghi\r\n\
+            \t\tjkl\r\n\
+            \x20 mno \r\n\
+            \t \tqrs\r\n\
+            Line2: \t line2\t\r\n\
+            Line3:\r\n\
+            \x20line3\r\n\
+            Line4: \r\n\
+            \x20\r\n\
+            Connection:\r\n\
+            \x20close\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_SAMPLE, "Line folding in header value with LF (Host: t.example)",
+            b"GET / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Line1:   abc\n\
+            \tdef\n\
+            \x20ghi\n\
+            \t\tjkl\n\
+            \x20 mno \n\
+            \t \tqrs\n\
+            Line2: \t line2\t\n\
+            Line3:\n\
+            \x20line3\n\
+            Line4: \n\
+            \x20\n\
+            Connection:\n\
+            \x20close\n\
+            \n",
+            refused(400)),
+        row!(LLHTTP_SAMPLE, "No LF after CR",
+            b"GET / HTTP/1.1\rLine: 1\r\n",
+            refused(400)),
+        row!(LLHTTP_SAMPLE, "No LF after CR (lenient)",
+            b"GET / HTTP/1.1\rLine: 1\r\n",
+            refused(400)),
+        row!(LLHTTP_SAMPLE, "Request starting with CRLF (Host: t.example)",
+            b"\r\n\
+            GET /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Header1: Value1\r\n\
+            \r\n",
+            forwarded(fwd("GET /url HTTP/1.1").headers(&["header1: Value1"]))),
+        row!(LLHTTP_SAMPLE, "Extended Characters (Host: t.example)",
+            b"GET / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Test: D\xc3\xbcsseldorf\r\n\
+            \r\n",
+            forwarded(fwd("GET / HTTP/1.1").headers(&["test: D\u{fc}sseldorf"]))),
+        row!(LLHTTP_SAMPLE, "255 ASCII in header value (Host: t.example)",
+            b"OPTIONS /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Header1: Value1\r\n\
+            Header2: \xc3\xbfValue2\r\n\
+            \r\n",
+            forwarded(fwd("OPTIONS /url HTTP/1.1").headers(&["header1: Value1", "header2: \u{ff}Value2"]))),
+        row!(LLHTTP_SAMPLE, "X-SSL-Nonsense (Host: t.example)",
+            b"GET / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            X-SSL-Nonsense:   -----BEGIN CERTIFICATE-----\r\n\
+            \tMIIFbTCCBFWgAwIBAgICH4cwDQYJKoZIhvcNAQEFBQAwcDELMAkGA1UEBhMCVUsx\r\n\
+            \tETAPBgNVBAoTCGVTY2llbmNlMRIwEAYDVQQLEwlBdXRob3JpdHkxCzAJBgNVBAMT\r\n\
+            \tAkNBMS0wKwYJKoZIhvcNAQkBFh5jYS1vcGVyYXRvckBncmlkLXN1cHBvcnQuYWMu\r\n\
+            \tdWswHhcNMDYwNzI3MTQxMzI4WhcNMDcwNzI3MTQxMzI4WjBbMQswCQYDVQQGEwJV\r\n\
+            \tSzERMA8GA1UEChMIZVNjaWVuY2UxEzARBgNVBAsTCk1hbmNoZXN0ZXIxCzAJBgNV\r\n\
+            \tBAcTmrsogriqMWLAk1DMRcwFQYDVQQDEw5taWNoYWVsIHBhcmQYJKoZIhvcNAQEB\r\n\
+            \tBQADggEPADCCAQoCggEBANPEQBgl1IaKdSS1TbhF3hEXSl72G9J+WC/1R64fAcEF\r\n\
+            \tW51rEyFYiIeZGx/BVzwXbeBoNUK41OK65sxGuflMo5gLflbwJtHBRIEKAfVVp3YR\r\n\
+            \tgW7cMA/s/XKgL1GEC7rQw8lIZT8RApukCGqOVHSi/F1SiFlPDxuDfmdiNzL31+sL\r\n\
+            \t0iwHDdNkGjy5pyBSB8Y79dsSJtCW/iaLB0/n8Sj7HgvvZJ7x0fr+RQjYOUUfrePP\r\n\
+            \tu2MSpFyf+9BbC/aXgaZuiCvSR+8Snv3xApQY+fULK/xY8h8Ua51iXoQ5jrgu2SqR\r\n\
+            \twgA7BUi3G8LFzMBl8FRCDYGUDy7M6QaHXx1ZWIPWNKsCAwEAAaOCAiQwggIgMAwG\r\n\
+            \tA1UdEwEB/wQCMAAwEQYJYIZIAYb4QgHTTPAQDAgWgMA4GA1UdDwEB/wQEAwID6DAs\r\n\
+            \tBglghkgBhvhCAQ0EHxYdVUsgZS1TY2llbmNlIFVzZXIgQ2VydGlmaWNhdGUwHQYD\r\n\
+            \tVR0OBBYEFDTt/sf9PeMaZDHkUIldrDYMNTBZMIGaBgNVHSMEgZIwgY+AFAI4qxGj\r\n\
+            \tloCLDdMVKwiljjDastqooXSkcjBwMQswCQYDVQQGEwJVSzERMA8GA1UEChMIZVNj\r\n\
+            \taWVuY2UxEjAQBgNVBAsTCUF1dGhvcml0eTELMAkGA1UEAxMCQ0ExLTArBgkqhkiG\r\n\
+            \t9w0BCQEWHmNhLW9wZXJhdG9yQGdyaWQtc3VwcG9ydC5hYy51a4IBADApBgNVHRIE\r\n\
+            \tIjAggR5jYS1vcGVyYXRvckBncmlkLXN1cHBvcnQuYWMudWswGQYDVR0gBBIwEDAO\r\n\
+            \tBgwrBgEEAdkvAQEBAQYwPQYJYIZIAYb4QgEEBDAWLmh0dHA6Ly9jYS5ncmlkLXN1\r\n\
+            \tcHBvcnQuYWMudmT4sopwqlBWsvcHViL2NybC9jYWNybC5jcmwwPQYJYIZIAYb4QgEDBDAWLmh0\r\n\
+            \tdHA6Ly9jYS5ncmlkLXN1cHBvcnQuYWMudWsvcHViL2NybC9jYWNybC5jcmwwPwYD\r\n\
+            \tVR0fBDgwNjA0oDKgMIYuaHR0cDovL2NhLmdyaWQt5hYy51ay9wdWIv\r\n\
+            \tY3JsL2NhY3JsLmNybDANBgkqhkiG9w0BAQUFAAOCAQEAS/U4iiooBENGW/Hwmmd3\r\n\
+            \tXCy6Zrt08YjKCzGNjorT98g8uGsqYjSxv/hmi0qlnlHs+k/3Iobc3LjS5AMYr5L8\r\n\
+            \tUO7OSkgFFlLHQyC9JzPfmLCAugvzEbyv4Olnsr8hbxF1MbKZoQxUZtMVu29wjfXk\r\n\
+            \thTeApBv7eaKCWpSp7MCbvgzm74izKhu3vlDk9w6qVrxePfGgpKPqfHiOoGhFnbTK\r\n\
+            \twTC6o2xq5y0qZ03JonF7OJspEd3I5zKY3E+ov7/ZhW6DqT8UFvsAdjvQbXyhV8Eu\r\n\
+            \tYhixw1aKEPzNjNowuIseVogKOLXxWI5vAi5HgXdS0/ES5gDGsABo4fqovUKlgop3\r\n\
+            \tRA==\r\n\
+            \t-----END CERTIFICATE-----\r\n\
+            \r\n",
+            refused(400)),
+        // llhttp test/request/uri.md
+        row!(LLHTTP_URI, "Quotes in URI (Host: t.example)",
+            b"GET /with_\"lovely\"_quotes?foo=\\\"bar\\\" HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            forwarded(fwd("GET /with_%22lovely%22_quotes?foo=%5C%22bar%5C%22 HTTP/1.1"))),
+        row!(LLHTTP_URI, "Query URL with question mark (Host: t.example)",
+            b"GET /test.cgi?foo=bar?baz HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            forwarded(fwd("GET /test.cgi?foo=bar?baz HTTP/1.1"))),
+        row!(LLHTTP_URI, "Host terminated by a query string (Host: t.example)",
+            b"GET http://hypnotoad.org?hail=all HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n\
+            \r\n",
+            answered(vec![503, 200], vec![Sent::Whole(fwd("GET /next HTTP/1.1"))])),
+        row!(LLHTTP_URI, "`host:port` terminated by a query string (Host: t.example)",
+            b"GET http://hypnotoad.org:1234?hail=all HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            answered(vec![503, 200], vec![Sent::Whole(fwd("GET /next HTTP/1.1"))])),
+        row!(LLHTTP_URI, "Query URL with vertical bar character (Host: t.example)",
+            b"GET /test.cgi?query=| HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            forwarded(fwd("GET /test.cgi?query=%7C HTTP/1.1"))),
+        row!(LLHTTP_URI, "`host:port` terminated by a space (Host: t.example)",
+            b"GET http://hypnotoad.org:1234 HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            answered(vec![503, 200], vec![Sent::Whole(fwd("GET /next HTTP/1.1"))])),
+        row!(LLHTTP_URI, "Disallow UTF-8 in URI path in strict mode (Host: t.example)",
+            b"GET /\xce\xb4\xc2\xb6/\xce\xb4t/pope?q=1#narf HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            forwarded(fwd("GET /%CE%B4%C2%B6/%CE%B4t/pope?q=1%23narf HTTP/1.1"))),
+        row!(LLHTTP_URI, "Fragment in URI (Host: t.example)",
+            b"GET /forums/1/topics/2375?page=1#posts-17408 HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            forwarded(fwd("GET /forums/1/topics/2375?page=1%23posts-17408 HTTP/1.1"))),
+        row!(LLHTTP_URI, "Underscore in hostname (Host: t.example)",
+            b"CONNECT home_0.netscape.com:443 HTTP/1.0\r\n\
+            Host: t.example\r\n\
+            User-agent: Mozilla/1.1N\r\n\
+            Proxy-authorization: basic aGVsbG86d29ybGQ=\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_URI, "`host:port` and basic auth (Host: t.example)",
+            b"GET http://a%12:b!&*$@hypnotoad.org:1234/toto HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_URI, "Space in URI",
+            b"GET /foo bar/ HTTP/1.1\r\n\
+            \r\n",
+            refused(400)),
+        // llhttp test/request/method.md
+        row!(LLHTTP_METHOD, "REPORT request (Host: t.example)",
+            b"REPORT /test HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            forwarded(fwd("REPORT /test HTTP/1.1"))),
+        row!(LLHTTP_METHOD, "CONNECT request (Host: t.example)",
+            b"CONNECT 0-home0.netscape.com:443 HTTP/1.0\r\n\
+            Host: t.example\r\n\
+            User-agent: Mozilla/1.1N\r\n\
+            Proxy-authorization: basic aGVsbG86d29ybGQ=\r\n\
+            \r\n\
+            some data\r\n\
+            and yet even more data",
+            refused(400)),
+        row!(LLHTTP_METHOD, "CONNECT request with CAPS (Host: t.example)",
+            b"CONNECT HOME0.NETSCAPE.COM:443 HTTP/1.0\r\n\
+            Host: t.example\r\n\
+            User-agent: Mozilla/1.1N\r\n\
+            Proxy-authorization: basic aGVsbG86d29ybGQ=\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_METHOD, "CONNECT with body (Host: t.example)",
+            b"CONNECT foo.bar.com:443 HTTP/1.0\r\n\
+            Host: t.example\r\n\
+            User-agent: Mozilla/1.1N\r\n\
+            Proxy-authorization: basic aGVsbG86d29ybGQ=\r\n\
+            Content-Length: 10\r\n\
+            \r\n\
+            blarfcicle\"",
+            refused(400)),
+        row!(LLHTTP_METHOD, "M-SEARCH request (Host: t.example)",
+            b"M-SEARCH * HTTP/1.1\r\n\
+            HOST: t.example\r\n\
+            MAN: \"ssdp:discover\"\r\n\
+            ST: \"ssdp:all\"\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_METHOD, "PATCH request (Host: t.example)",
+            b"PATCH /file.txt HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Type: application/example\r\n\
+            If-Match: \"e0023aa4e\"\r\n\
+            Content-Length: 10\r\n\
+            \r\n\
+            cccccccccc",
+            forwarded(fwd("PATCH /file.txt HTTP/1.1").headers(&["content-type: application/example", "if-match: \"e0023aa4e\""]).body(Length(b"cccccccccc")))),
+        row!(LLHTTP_METHOD, "PURGE request (Host: t.example)",
+            b"PURGE /file.txt HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            forwarded(fwd("PURGE /file.txt HTTP/1.1"))),
+        row!(LLHTTP_METHOD, "SEARCH request (Host: t.example)",
+            b"SEARCH / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            forwarded(fwd("SEARCH / HTTP/1.1"))),
+        row!(LLHTTP_METHOD, "LINK request (Host: t.example)",
+            b"LINK /images/my_dog.jpg HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Link: <http://example.com/profiles/joe>; rel=\"tag\"\r\n\
+            Link: <http://example.com/profiles/sally>; rel=\"tag\"\r\n\
+            \r\n",
+            forwarded(fwd("LINK /images/my_dog.jpg HTTP/1.1").headers(&["link: <http://example.com/profiles/joe>; rel=\"tag\"", "link: <http://example.com/profiles/sally>; rel=\"tag\""]))),
+        row!(LLHTTP_METHOD, "LINK request (Host: t.example)",
+            b"UNLINK /images/my_dog.jpg HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Link: <http://example.com/profiles/sally>; rel=\"tag\"\r\n\
+            \r\n",
+            forwarded(fwd("UNLINK /images/my_dog.jpg HTTP/1.1").headers(&["link: <http://example.com/profiles/sally>; rel=\"tag\""]))),
+        row!(LLHTTP_METHOD, "SOURCE request (Host: t.example)",
+            b"SOURCE /music/sweet/music HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            forwarded(fwd("SOURCE /music/sweet/music HTTP/1.1"))),
+        row!(LLHTTP_METHOD, "SOURCE request with ICE (Host: t.example)",
+            b"SOURCE /music/sweet/music ICE/1.0\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_METHOD, "OPTIONS request with RTSP (Host: t.example)",
+            b"OPTIONS /music/sweet/music RTSP/1.0\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_METHOD, "ANNOUNCE request with RTSP (Host: t.example)",
+            b"ANNOUNCE /music/sweet/music RTSP/1.0\r\n\
+            Host: t.example\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_METHOD, "PRI request HTTP2",
+            b"PRI * HTTP/1.1\r\n\
+            \r\n\
+            SM\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_METHOD, "QUERY request (Host: t.example)",
+            b"QUERY /contacts HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Content-Type: example/query\r\n\
+            Accept: text/csv\r\n\
+            Content-Length: 41\r\n\
+            \r\n\
+            select surname, givenname, email limit 10",
+            forwarded(fwd("QUERY /contacts HTTP/1.1").headers(&["content-type: example/query", "accept: text/csv"]).body(Length(b"select surname, givenname, email limit 10")))),
+        // llhttp test/request/lenient-headers.md
+        row!(LLHTTP_LENIENT_HEADERS, "Header value (lenient) (Host: t.example)",
+            b"GET /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Header1: \x0c\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_LENIENT_HEADERS, "Second request header value (lenient) (Host: t.example)",
+            b"GET /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Header1: Okay\r\n\
+            \r\n\
+            \r\n\
+            GET /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Header1: \x0c\r\n\
+            \r\n",
+            answered(vec![200, 400], vec![Sent::Whole(fwd("GET /url HTTP/1.1").headers(&["header1: Okay"]))])),
+        row!(LLHTTP_LENIENT_HEADERS, "Header value (Host: t.example)",
+            b"GET /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Header1: \x0c\r\n\
+            \r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_LENIENT_HEADERS, "Empty headers separated by CR (lenient) (Host: t.example)",
+            b"POST / HTTP/1.1\r\n\
+            Connection: Close\r\n\
+            Host: t.example\r\n\
+            x:\rTransfer-Encoding: chunked\r\n\
+            \r\n\
+            1\r\n\
+            A\r\n\
+            0\r\n",
+            refused(400)),
+        // llhttp test/request/lenient-header-value-relaxed.md
+        row!(LLHTTP_LENIENT_HEADER_VALUE_RELAXED, "Control char in header value (relaxed) (Host: t.example)",
+            b"GET /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Header1: hello\x0cworld\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_LENIENT_HEADER_VALUE_RELAXED, "Control char in header value (strict) (Host: t.example)",
+            b"GET /url HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            Header1: hello\x0cworld\r\n\
+            \r\n",
+            refused(400)),
+        row!(LLHTTP_LENIENT_HEADER_VALUE_RELAXED, "LF in header value should be rejected even with relaxed flag (Host: t.example)",
+            b"POST / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            x:\n\
+            Transfer-Encoding: chunked\r\n\
+            \r\n\
+            1\r\n\
+            A\r\n\
+            0\r\n",
+            refused(400)),
+        row!(LLHTTP_LENIENT_HEADER_VALUE_RELAXED, "CR without LF in header value should be rejected even with relaxed flag (Host: t.example)",
+            b"POST / HTTP/1.1\r\n\
+            Host: t.example\r\n\
+            x:\rTransfer-Encoding: chunked\r\n\
+            \r\n\
+            1\r\n\
+            A\r\n\
+            0\r\n",
+            refused(400)),
+        row!(LLHTTP_LENIENT_HEADER_VALUE_RELAXED, "Space after start line must still fail",
+            b"GET /url HTTP/1.1\r\n\
+            \x20Header1: value\r\n",
+            refused(400)),
+        // llhttp test/request/lenient-version.md
+        row!(LLHTTP_LENIENT_VERSION, "Invalid HTTP version (lenient)",
+            b"GET / HTTP/5.6\r\n\
+            \r\n",
+            refused(400)),
     ]
 }
 
@@ -766,35 +2072,25 @@ fn hostile_requests_get_the_answer_the_table_says() {
     let mut failures = Vec::new();
     let table = rows();
     for row in &table {
-        let answers = exchange(router.addr, row.raw);
+        let want = &row.expect;
+        let answers = exchange(router.addr, row.raw, !want.closes);
         let sent = backend.settle();
         let mut wrong = Vec::new();
         match &answers {
-            Ok(a) if *a == row.answers => {}
-            other => wrong.push(format!("answers {other:?}, expected {:?}", row.answers)),
+            Ok(a) if *a == want.answers => {}
+            other => wrong.push(format!("answers {other:?}, expected {:?}", want.answers)),
         }
-        let all_cut = row.backend.iter().all(|s| matches!(s, Sent::Cut(_)));
-        if sent.len() != row.backend.len() && !(all_cut && sent.is_empty()) {
+        let all_cut = want.backend.iter().all(|s| matches!(s, Sent::Cut(_)));
+        if sent.len() != want.backend.len() && !(all_cut && sent.is_empty()) {
             wrong.push(format!(
                 "{} backend connections, expected {}",
                 sent.len(),
-                row.backend.len()
+                want.backend.len()
             ));
         }
-        for (got, want) in sent.iter().zip(&row.backend) {
-            match want {
-                Sent::Whole(f) if *got == f.render() => {}
-                Sent::Cut(f) if is_cut_of(got, &f.render()) => {}
-                Sent::Whole(f) | Sent::Cut(f) => wrong.push(format!(
-                    "backend got {:?}, expected {}{:?}",
-                    String::from_utf8_lossy(got),
-                    if matches!(want, Sent::Cut(_)) {
-                        "a start of "
-                    } else {
-                        ""
-                    },
-                    String::from_utf8_lossy(&f.render())
-                )),
+        for (got, expected) in sent.iter().zip(&want.backend) {
+            if let Some(why) = expected.mismatch(got) {
+                wrong.push(why);
             }
         }
         if !wrong.is_empty() {
@@ -815,9 +2111,37 @@ fn hostile_requests_get_the_answer_the_table_says() {
     );
 }
 
-/// `got` is a start of the request `whole` that stops before its last
-/// chunk: the backend cannot have taken it for a complete request.
-fn is_cut_of(got: &[u8], whole: &[u8]) -> bool {
-    let unfinished = &whole[..whole.len() - b"0\r\n\r\n".len()];
-    unfinished.starts_with(got)
+impl Sent {
+    /// What is wrong with `got` for this expectation, if anything.
+    fn mismatch(&self, got: &[u8]) -> Option<String> {
+        let (ok, what, expected) = match self {
+            Sent::Whole(f) => {
+                let whole = f.render();
+                (*got == whole, "", whole)
+            }
+            Sent::Cut(f) => {
+                // A start of the request that stops before its end (for a
+                // chunked body, before its last chunk): the backend cannot
+                // have taken it for a complete request.
+                let whole = f.render();
+                let end = match f.body {
+                    Body::Chunks(_) => b"0\r\n\r\n".len(),
+                    _ => 1,
+                };
+                (
+                    whole[..whole.len() - end].starts_with(got),
+                    "a start of ",
+                    whole,
+                )
+            }
+            Sent::Exact(bytes) => (got == *bytes, "", bytes.to_vec()),
+        };
+        (!ok).then(|| {
+            format!(
+                "backend got {:?}, expected {what}{:?}",
+                String::from_utf8_lossy(got),
+                String::from_utf8_lossy(&expected)
+            )
+        })
+    }
 }
