@@ -10,7 +10,7 @@ use std::fmt;
 use std::io::{self, Read};
 use std::time::Duration;
 
-use crate::http1::{BodyFraming, field_from_bytes, field_to_bytes};
+use crate::http1::{BodyFraming, field_from_bytes, field_to_bytes, parse_content_length};
 
 #[derive(Debug)]
 pub struct BackendRequest<'a> {
@@ -182,7 +182,7 @@ impl BackendClient {
             .collect();
         let mut lengths = parts.headers.get_all("content-length").iter();
         let length = match (lengths.next(), lengths.next()) {
-            (Some(one), None) => one.to_str().ok().and_then(|v| v.trim().parse().ok()),
+            (Some(one), None) => one.to_str().ok().and_then(parse_content_length),
             _ => None,
         };
         Ok(BackendResponse {

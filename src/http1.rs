@@ -82,6 +82,28 @@ pub fn trim_ows(value: &str) -> &str {
     value.trim_matches([' ', '\t'])
 }
 
+/// A `Content-Length` value: digits only, SP/HTAB around them at most
+/// (`+5`, `5\xa0`, `0x5`, `5, 5` are not lengths, whatever `str::parse`
+/// would say of some of them).
+pub fn parse_content_length(value: &str) -> Option<u64> {
+    let v = trim_ows(value);
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
+}
+
+/// The last transfer coding of a message is `chunked` (RFC 9112 §6.3:
+/// how a response's body is framed when it has `Transfer-Encoding`).
+pub fn last_coding_is_chunked(headers: &[(String, String)]) -> bool {
+    header_values(headers, "transfer-encoding")
+        .flat_map(|v| v.split(','))
+        .map(trim_ows)
+        .filter(|c| !c.is_empty())
+        .last()
+        .is_some_and(|c| c.eq_ignore_ascii_case("chunked"))
+}
+
 /// `tchar` (RFC 9110 §5.6.2): what a token, and so a method or a field
 /// name, is made of.
 pub fn is_tchar(b: u8) -> bool {
@@ -374,14 +396,8 @@ pub fn request_framing(
     }
     let mut length: Option<u64> = None;
     for value in header_values(headers, "content-length") {
-        // Digits only, SP/HTAB around them at most (see [`trim_ows`]).
-        let v = trim_ows(value);
-        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(bad_framing(400, "invalid Content-Length"));
-        }
-        let n: u64 = v
-            .parse()
-            .map_err(|_| bad_framing(400, "invalid Content-Length"))?;
+        let n = parse_content_length(value)
+            .ok_or_else(|| bad_framing(400, "invalid Content-Length"))?;
         if length.is_some_and(|l| l != n) {
             return Err(bad_framing(400, "conflicting Content-Length values"));
         }

@@ -126,6 +126,7 @@ impl Upgraded {
             host: self.host,
             upstream: Some(self.upstream),
             error: None,
+            // The server front closes after any answer to an upgrade.
             close: true,
         }
     }
@@ -149,7 +150,7 @@ impl Proxy {
     /// Checks the target and the host (RFC 9112 §3.2).
     fn route<'r>(&self, req: &'r IncomingRequest) -> Result<Routed<'r>, Box<Outcome>> {
         let Some(target) = RequestTarget::parse(&req.target) else {
-            return Err(Box::new(refuse(
+            return Err(Box::new(refuse_unreadable(
                 400,
                 "bad request target",
                 header(&req.headers, "host").unwrap_or(""),
@@ -158,7 +159,7 @@ impl Proxy {
         let host_values: Vec<&str> = header_values(&req.headers, "host").collect();
         // RFC 9112 §3.2: more than one Host, or none in HTTP/1.1, is a 400.
         if host_values.len() > 1 {
-            return Err(Box::new(refuse(
+            return Err(Box::new(refuse_unreadable(
                 400,
                 "more than one Host header",
                 host_values[0],
@@ -168,10 +169,12 @@ impl Proxy {
             // RFC 9112 §3.2.2: the absolute-form authority wins over Host.
             (Some(authority), _) => authority,
             (None, Some(h)) => *h,
-            (None, None) => return Err(Box::new(refuse(400, "missing Host header", ""))),
+            (None, None) => {
+                return Err(Box::new(refuse_unreadable(400, "missing Host header", "")));
+            }
         };
         let Some(host) = normalise_host(raw_host) else {
-            return Err(Box::new(refuse(400, "no usable host", raw_host)));
+            return Err(Box::new(refuse_unreadable(400, "no usable host", raw_host)));
         };
         Ok(Routed {
             host,
@@ -189,7 +192,7 @@ impl Proxy {
         // cannot send one, and a backend that reads none would take it for
         // the next request: nothing can forward it faithfully.
         if req.method == "HEAD" && req.framing != BodyFraming::None {
-            return refuse(400, "HEAD request with a body", &routed.host);
+            return refuse_unreadable(400, "HEAD request with a body", &routed.host);
         }
         let headers = forward_headers(req, routed.raw_host, &self.settings.trusted_proxies);
         let mut body = ClientBody {
@@ -514,9 +517,9 @@ impl<'a> RequestTarget<'a> {
 ///
 /// Compared with `_` read as `-` (see [`name_folds_to`]): the server front
 /// refuses underscore spellings of the framing headers outright, and the
-/// others (`Keep_Alive`, `Upgrade`'s, `TE`'s...) are dropped here, so a
-/// backend that reads `_` as `-` never sees a hop-by-hop header the router
-/// did not act on.
+/// other ones (`Keep_Alive`, `Proxy_Connection`, and those of the names
+/// `Connection` lists) are dropped here, so a backend that reads `_` as `-`
+/// never sees a hop-by-hop header the router did not act on.
 fn is_hop_by_hop(name: &str, connection_tokens: &[&str]) -> bool {
     HOP_BY_HOP.iter().any(|h| name_folds_to(name, h))
         || connection_tokens.iter().any(|t| name_folds_to(name, t))
@@ -550,7 +553,7 @@ pub fn forward_headers(
             || name.eq_ignore_ascii_case("content-length")
             // The server front answers `Expect: 100-continue` itself; the
             // backend must not send an interim response of its own.
-            || name_folds_to(name, "expect")
+            || name.eq_ignore_ascii_case("expect")
         {
             continue;
         }
@@ -619,13 +622,20 @@ fn backend_failure(host: &str, upstream: String, e: BackendError) -> Outcome {
         BackendError::Local { .. } => (503, "router out of resources"),
         _ => (502, "backend unavailable"),
     };
-    let mut outcome = refuse(status, text, host);
+    // A request that cannot be expressed to a backend, or whose body broke
+    // off, was not read as a whole.
+    let mut outcome = if status == 400 {
+        refuse_unreadable(status, text, host)
+    } else {
+        refuse(status, text, host)
+    };
     outcome.upstream = Some(upstream);
     outcome.error = Some(e.to_string());
     outcome
 }
 
-/// An answer from the router itself: a short text body.
+/// An answer from the router itself, to a request it read as a whole: a
+/// short text body, and the connection may carry the next request.
 pub fn refuse(status: u16, why: &str, host: &str) -> Outcome {
     let text = format!("{status} {why}\n");
     Outcome {
@@ -638,11 +648,19 @@ pub fn refuse(status: u16, why: &str, host: &str) -> Outcome {
         host: host.to_string(),
         upstream: None,
         error: Some(why.to_string()),
-        // What the router refuses as unreadable (a bad target, a duplicate
-        // or unusable Host, bad framing, a body cut short, an unsendable
-        // request) leaves nothing on the connection worth trusting: close,
-        // as nginx does for its own 400, 408, 413, 414, 431 and 501.
-        close: matches!(status, 400 | 408 | 413 | 414 | 431 | 501),
+        close: false,
+    }
+}
+
+/// The router's answer to a request it could not read as a whole (a bad
+/// target, a duplicate or unusable Host, bad framing, a body cut short, a
+/// request no backend can be sent): nothing after it on the connection can
+/// be trusted, so the connection closes after the answer, as nginx closes
+/// after its own 400, 408, 413, 414 and 501.
+pub fn refuse_unreadable(status: u16, why: &str, host: &str) -> Outcome {
+    Outcome {
+        close: true,
+        ..refuse(status, why, host)
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::health::{BackendHealth, EjectPolicy, RetryBudget};
+use crate::http1::trim_ows;
 use crate::httpurl::HttpUrl;
 
 /// One backend of a domain, parsed from an etcd value.
@@ -283,10 +284,8 @@ fn split_port(host: &str) -> (&str, Option<&str>) {
 /// kept. Returns `None` for something that cannot be a host: empty, a bad
 /// port, or characters that would let a value smuggle a path or userinfo.
 pub fn normalise_host(raw: &str) -> Option<String> {
-    // SP and HTAB only: a `Host` value is a Latin-1 string, and `str::trim`
-    // would also strip the bytes 0x85 and 0xA0, routing `a.com\xa0` as
-    // `a.com` while the backend sees the bytes as sent.
-    let raw = raw.trim_matches([' ', '\t']);
+    // SP and HTAB only (see `trim_ows`): `a.com\xa0` is not `a.com`.
+    let raw = trim_ows(raw);
     let (name, port) = split_port(raw);
     if port.is_some_and(|p| p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit())) {
         return None;

@@ -602,7 +602,7 @@ fn serve_request(
     let (mut outcome, body_complete, body_error) = {
         let mut body = http1::BodyReader::new(reader, incoming.framing, continue_sock.as_mut());
         let outcome = match framing {
-            Err(bad) => crate::proxy::refuse(bad.status, bad.why, ""),
+            Err(bad) => crate::proxy::refuse_unreadable(bad.status, bad.why, ""),
             Ok(_) if unmet_expectation => crate::proxy::refuse(417, "unsupported Expect", ""),
             Ok(_) => shared.proxy.handle(&incoming, &mut body),
         };
@@ -618,14 +618,15 @@ fn serve_request(
             400
         };
         let upstream = outcome.upstream.take();
-        outcome = crate::proxy::refuse(status, "request body incomplete", &outcome.host);
+        outcome = crate::proxy::refuse_unreadable(status, "request body incomplete", &outcome.host);
         outcome.upstream = upstream;
     }
     // Keep the connection only when its framing is beyond doubt: a refused
     // framing leaves the body's bytes unread, and reading them as the next
     // request is exactly request smuggling.
+    let unreadable = outcome.close || framing.is_err();
     let keep_alive = !wants_close
-        && !outcome.close
+        && !unreadable
         && framing.is_ok()
         && body_complete
         && body_error.is_none()
@@ -639,9 +640,12 @@ fn serve_request(
         (peer, started),
         shared,
     );
+    // Input the router did not read (a body, or whatever followed a
+    // request it could not read) is drained before the close, so that the
+    // close is not a reset that destroys the answer.
     if written.reusable {
         After::KeepAlive
-    } else if !body_complete && body_error.is_none() {
+    } else if body_error.is_none() && (!body_complete || unreadable) {
         After::LingerAndClose
     } else {
         After::Close
@@ -664,14 +668,19 @@ fn serve_upgrade(
     let copy_buf = &mut Vec::new();
     let upgraded = match shared.proxy.upgrade(&incoming) {
         Ok(up) if up.handshake.status == 101 => up,
+        // Refused (or ignored): an ordinary answer, passed on; or the
+        // router's own. Either way the connection closes, and what the
+        // client sent after its head (often already the new protocol) is
+        // drained first.
         Ok(refused) => {
-            // Refused (or ignored): an ordinary answer, passed on.
-            let outcome = refused.into_outcome(incoming.method.eq_ignore_ascii_case("HEAD"));
+            let outcome = refused.into_outcome(incoming.method == "HEAD");
             write_and_log(incoming, outcome, false, writer, copy_buf, context, shared);
+            linger_close(reader);
             return;
         }
         Err(outcome) => {
             write_and_log(incoming, *outcome, false, writer, copy_buf, context, shared);
+            linger_close(reader);
             return;
         }
     };
@@ -730,7 +739,8 @@ fn write_and_log(
             status,
             headers: &headers,
             length,
-            head_only: incoming.method.eq_ignore_ascii_case("HEAD"),
+            // Methods are case-sensitive (RFC 9110 §9.1): `head` is not HEAD.
+            head_only: incoming.method == "HEAD",
             version: incoming.version,
             keep_alive,
         },

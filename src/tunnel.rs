@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use crate::backend::BackendError;
 use crate::health::now_ms;
 use crate::http1::{
-    BodyFraming, BodyReader, field_from_bytes, header, header_values, is_timeout, trim_ows,
+    BodyFraming, BodyReader, field_from_bytes, header, is_timeout, last_coding_is_chunked,
+    parse_content_length,
 };
 
 /// A backend's response head, like a request head, is bounded.
@@ -177,9 +178,8 @@ impl Handshake {
     /// unknown and the body ends when the backend closes.
     pub fn into_body(self, head_request: bool) -> (Option<u64>, Box<dyn Read + Send>) {
         let no_body = head_request || matches!(self.status, 100..=199 | 204 | 304);
-        let chunked = header_values(&self.headers, "transfer-encoding")
-            .any(|v| v.to_ascii_lowercase().contains("chunked"));
-        let length = header(&self.headers, "content-length").and_then(|v| trim_ows(v).parse().ok());
+        let chunked = last_coding_is_chunked(&self.headers);
+        let length = header(&self.headers, "content-length").and_then(parse_content_length);
         let conn = self.conn;
         let _ = conn.get_ref().set_read_timeout(Some(self.body_timeout));
         if no_body {
