@@ -1,23 +1,53 @@
-//! The client edge: one request to one backend through a pooled ureq agent.
+//! The backend edge: one request to one backend, HTTP/1.1 over pooled
+//! `TcpStream`s.
 //!
-//! Owns every ureq type; `proxy` sees only [`BackendRequest`],
-//! [`BackendResponse`] and [`BackendError`], so the client can be replaced
-//! without touching routing or header rules. Redirects are never followed
-//! and bodies are never decoded: the backend's bytes reach the client as
-//! sent.
+//! Owns backend sockets, their timeouts and the pool of idle keep-alive
+//! connections; `proxy` sees only [`BackendRequest`], [`BackendResponse`]
+//! and [`BackendError`]. The request goes out as the client sent it: the
+//! target and header names byte for byte, the body in the client's framing.
+//! The response head is read with `httparse` and its body framed by the
+//! same code as the server side's (`http1::BodyReader`). Redirects are never
+//! followed and bodies never decoded. Every wait is bounded by a timeout.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::io::{self, Read};
-use std::time::Duration;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use crate::http1::{BodyFraming, field_from_bytes, field_to_bytes, parse_content_length};
+use crate::http1::{
+    BodyFraming, BodyReader, connection_tokens, field_from_bytes, header_values, is_timeout,
+    last_coding_is_chunked, parse_content_length,
+};
+
+/// Idle pooled connections older than this are not reused: many servers
+/// close idle keep-alive connections after 5 s, and reusing one just as it
+/// closes costs a retry.
+const POOL_IDLE_MAX_SECS: u64 = 4;
+/// Idle keep-alive connections kept per backend, and in all.
+const POOL_IDLE_MAX_PER_BACKEND: usize = 256;
+const POOL_IDLE_MAX_TOTAL: usize = 1024;
+/// A backend's response head is bounded like a client's request head.
+pub const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
+const MAX_RESPONSE_HEADERS: usize = 100;
+/// The read buffer of a backend connection while it carries an answer.
+const RESPONSE_BUFFER_BYTES: usize = 16 * 1024;
+/// A request body up to this size is read whole before the request is
+/// sent, so the request can go again on a fresh connection when a pooled
+/// one turns out closed; a larger one is streamed.
+const REPLAYABLE_BODY_BYTES: u64 = 16 * 1024;
+/// Request body copy buffer, and the room kept in front of it for a chunk
+/// size line (up to 8 hex digits and CRLF).
+const COPY_BUFFER_BYTES: usize = 32 * 1024;
+const CHUNK_HEAD_ROOM: usize = 10;
 
 #[derive(Debug)]
 pub struct BackendRequest<'a> {
     pub method: &'a str,
     /// `host:port`.
     pub authority: &'a str,
-    /// Path and query, starting with `/`.
+    /// Path and query, starting with `/`, as the client sent them.
     pub path_and_query: &'a str,
     /// End-to-end headers only, `Host` included; framing headers are set
     /// from `framing`.
@@ -27,9 +57,10 @@ pub struct BackendRequest<'a> {
 
 pub struct BackendResponse {
     pub status: u16,
-    /// As received, framing and hop-by-hop headers included; `proxy` filters.
+    /// As received (names as the backend spelt them), framing and
+    /// hop-by-hop headers included; `proxy` filters.
     pub headers: Vec<(String, String)>,
-    /// `Content-Length` when the backend sent a valid one.
+    /// The body's length when the backend framed it by `Content-Length`.
     pub length: Option<u64>,
     pub body: Box<dyn Read + Send + 'static>,
 }
@@ -43,9 +74,6 @@ pub enum BackendError {
     Timeout { detail: String },
     /// Anything else after the connection was made (reset, bad response).
     Failed { detail: String },
-    /// The request could not be expressed to the backend (e.g. a target the
-    /// URL parser refuses).
-    BadRequest { detail: String },
     /// Reading the client's body failed while it was being sent.
     ClientBody { detail: String },
     /// The router itself ran out of file descriptors: says nothing about
@@ -63,7 +91,6 @@ impl fmt::Display for BackendError {
             BackendError::Connect { detail, .. } => write!(f, "connect failed: {detail}"),
             BackendError::Timeout { detail } => write!(f, "timed out: {detail}"),
             BackendError::Failed { detail } => write!(f, "failed: {detail}"),
-            BackendError::BadRequest { detail } => write!(f, "bad request: {detail}"),
             BackendError::ClientBody { detail } => {
                 write!(f, "client body failed while forwarding: {detail}")
             }
@@ -72,17 +99,20 @@ impl fmt::Display for BackendError {
     }
 }
 
-pub struct BackendClient {
-    agent: ureq::Agent,
+/// How long each step may take.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    connect: Duration,
+    /// From the request sent to the whole response head.
+    response: Duration,
+    /// Longest silence on the connection, either way.
+    body: Duration,
 }
 
-/// Idle pooled connections older than this are not reused: many servers
-/// close idle keep-alive connections after 5 s, and reusing one just as it
-/// closes fails the request.
-const POOL_IDLE_MAX_SECS: u64 = 4;
-/// Idle keep-alive connections kept per backend, and in all.
-const POOL_IDLE_MAX_PER_BACKEND: usize = 256;
-const POOL_IDLE_MAX_TOTAL: usize = 1024;
+pub struct BackendClient {
+    timeouts: Timeouts,
+    pool: Arc<Pool>,
+}
 
 impl BackendClient {
     /// Up to `pool_size` idle keep-alive connections are kept per backend
@@ -96,123 +126,642 @@ impl BackendClient {
         body_timeout: Duration,
         pool_size: usize,
     ) -> Self {
-        let agent = ureq::Agent::config_builder()
-            // A proxy from the environment (http_proxy) must not capture
-            // backend traffic.
-            .proxy(None)
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .max_redirects_will_error(false)
-            .user_agent("")
-            .accept("")
-            .accept_encoding("")
-            .allow_non_standard_methods(true)
-            .timeout_connect(Some(connect_timeout))
-            .timeout_recv_response(Some(response_timeout))
-            .timeout_per_read(Some(body_timeout))
-            .timeout_per_write(Some(body_timeout))
-            .max_idle_connections(POOL_IDLE_MAX_TOTAL)
-            .max_idle_connections_per_host(pool_size.clamp(1, POOL_IDLE_MAX_PER_BACKEND))
-            // ureq's 128 KiB default buffers, times every pooled connection,
-            // would dominate the router's memory; 64 KiB still holds the
-            // largest response head ureq accepts.
-            .input_buffer_size(64 * 1024)
-            .output_buffer_size(16 * 1024)
-            .max_idle_age(Duration::from_secs(POOL_IDLE_MAX_SECS))
-            .build()
-            .new_agent();
-        BackendClient { agent }
+        BackendClient {
+            timeouts: Timeouts {
+                connect: connect_timeout,
+                response: response_timeout,
+                body: body_timeout,
+            },
+            pool: Arc::new(Pool {
+                idle: Mutex::new(PoolState::default()),
+                per_backend: pool_size.clamp(1, POOL_IDLE_MAX_PER_BACKEND),
+            }),
+        }
     }
 
-    /// Sends the request, streaming `body` per `framing`. On
+    /// Sends the request, its body read from `body` per `framing`. On
     /// [`BackendError::Connect`] nothing has been read from `body`.
+    ///
+    /// A pooled connection the backend closed meanwhile is found out
+    /// either before the request goes (a request with a streamed body peeks
+    /// first) or by an answer that never starts; the request then goes once
+    /// more on a fresh connection, which is safe because none of its body
+    /// was lost (it had none, or it is held whole, see
+    /// [`REPLAYABLE_BODY_BYTES`]).
     pub fn send(
         &self,
         req: &BackendRequest<'_>,
         body: &mut dyn Read,
     ) -> Result<BackendResponse, BackendError> {
-        let uri = format!("http://{}{}", req.authority, uri_safe(req.path_and_query));
-        let mut builder = ureq::http::Request::builder().method(req.method).uri(uri);
-        for (name, value) in req.headers {
-            builder = builder.header(name.as_str(), &*field_to_bytes(value));
-        }
-        // The framing the client used, never another: a request without a
-        // body stays without one (ureq alone would send an empty POST
-        // chunked, which servers without chunked uploads answer with 411,
-        // and which an HTTP/1.0 client never sent).
-        let result = match req.framing {
-            BodyFraming::None => {
-                // As Go's transport does: `Content-Length: 0` for the
-                // methods that expect a body (RFC 9110 §8.6 lets a client
-                // send it), none for the others.
-                let builder = if matches!(req.method, "POST" | "PUT" | "PATCH") {
-                    builder.header("Content-Length", 0)
-                } else {
-                    builder
-                };
-                builder
-                    .body(ureq::SendBody::none())
-                    .map(|r| self.agent.run(r))
-            }
-            BodyFraming::Sized(n) => {
-                let mut limited = body.take(n);
-                builder
-                    .header("Content-Length", n)
-                    .body(ureq::SendBody::from_reader(&mut limited))
-                    .map(|r| self.agent.run(r))
-            }
-            BodyFraming::Chunked => builder
-                .body(ureq::SendBody::from_reader(body))
-                .map(|r| self.agent.run(r)),
+        let mut pooled = self.pool.take(req.authority);
+        let streamed = match req.framing {
+            BodyFraming::None => false,
+            BodyFraming::Sized(n) => n > REPLAYABLE_BODY_BYTES,
+            BodyFraming::Chunked => true,
         };
-        let resp = match result {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(e)) => return Err(classify(e)),
-            Err(e) => {
-                return Err(BackendError::BadRequest {
-                    detail: e.to_string(),
+        if streamed {
+            // No second chance once the body streams: leave behind any
+            // pooled connection that is already closed.
+            while pooled.as_ref().is_some_and(|c| !c.looks_open()) {
+                pooled = self.pool.take(req.authority);
+            }
+        }
+        let conn = match pooled {
+            Some(conn) => conn,
+            None => Conn::connect(req.authority, self.timeouts)?,
+        };
+        let mut request = request_head(req);
+        if let BodyFraming::Sized(n) = req.framing
+            && !streamed
+        {
+            let start = request.len();
+            body.take(n)
+                .read_to_end(&mut request)
+                .map_err(|e| client_body_failed(&e))?;
+            if ((request.len() - start) as u64) < n {
+                return Err(BackendError::ClientBody {
+                    detail: "client closed the connection before the end of the request body"
+                        .into(),
                 });
             }
+        }
+        let reused = conn.reused;
+        match self.exchange(conn, &request, req, body, streamed) {
+            Err(Failure::Stale(e)) if reused => {
+                let fresh = Conn::connect(req.authority, self.timeouts)?;
+                self.exchange(fresh, &request, req, body, streamed)
+                    .map_err(|f| f.into_error(Some(&e)))
+            }
+            other => other.map_err(|f| f.into_error(None)),
+        }
+    }
+
+    /// One try on one connection: the request (and its streamed body), then
+    /// the response head.
+    fn exchange(
+        &self,
+        mut conn: Conn,
+        request: &[u8],
+        req: &BackendRequest<'_>,
+        body: &mut dyn Read,
+        streamed: bool,
+    ) -> Result<BackendResponse, Failure> {
+        if let Err(e) = (&conn.stream).write_all(request) {
+            return Err(if is_closed(&e) {
+                Failure::Stale(e)
+            } else {
+                Failure::Io("sending the request", e)
+            });
+        }
+        if streamed {
+            let copied = match req.framing {
+                BodyFraming::Chunked => copy_chunked(body, &conn.stream),
+                BodyFraming::Sized(n) => copy_sized(body, &conn.stream, n),
+                BodyFraming::None => Ok(()),
+            };
+            copied.map_err(|e| match e {
+                Copy::Client(e) => Failure::Client(e),
+                Copy::Backend(e) => Failure::Io("sending the request body", e),
+            })?;
+        }
+        let deadline = Instant::now() + self.timeouts.response;
+        let mut reader = BufReader::with_capacity(RESPONSE_BUFFER_BYTES, conn.stream);
+        let head = loop {
+            let head = read_response_head(
+                &mut reader,
+                deadline,
+                &mut conn.read_timeout,
+                self.timeouts.body,
+            )
+            .map_err(|e| match e {
+                AnswerError::Nothing(e) if !streamed && is_closed(&e) => Failure::Stale(e),
+                AnswerError::Nothing(e) | AnswerError::Partial(e) => {
+                    Failure::Io("reading the response head", e)
+                }
+            })?;
+            match head.status {
+                101 => return Err(Failure::Protocol("101 to a request that asked no upgrade")),
+                // Interim answers (100, 103): the final one follows.
+                100..=199 => continue,
+                _ => break head,
+            }
         };
-        let (parts, body) = resp.into_parts();
-        let headers = parts
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_str().to_string(), field_from_bytes(v.as_bytes())))
-            .collect();
-        let mut lengths = parts.headers.get_all("content-length").iter();
-        let length = match (lengths.next(), lengths.next()) {
-            (Some(one), None) => one.to_str().ok().and_then(parse_content_length),
-            _ => None,
-        };
-        Ok(BackendResponse {
-            status: parts.status.as_u16(),
-            headers,
-            length,
-            body: Box::new(body.into_reader()),
-        })
+        response(
+            req,
+            head,
+            reader,
+            conn.read_timeout,
+            &self.pool,
+            self.timeouts.body,
+        )
     }
 }
 
-/// The request target as the `http` crate's URI parser will take it.
-/// Clients send bytes RFC 3986 does not allow raw (`{`, `|`, `"`, a
-/// backtick, non-ASCII...) and servers accept them; the `http` crate does
-/// not, so those bytes are percent-encoded, which servers decode to the
-/// same thing. Everything else, existing escapes included, is kept as sent.
-fn uri_safe(target: &str) -> std::borrow::Cow<'_, str> {
-    let keep = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b);
-    if target.bytes().all(keep) {
-        return std::borrow::Cow::Borrowed(target);
+/// Builds the framing of the answer and the reader of its body, which puts
+/// the connection back in the pool once the body has been read to its end.
+fn response(
+    req: &BackendRequest<'_>,
+    head: ResponseHead,
+    reader: BufReader<TcpStream>,
+    read_timeout: Option<Duration>,
+    pool: &Arc<Pool>,
+    body_timeout: Duration,
+) -> Result<BackendResponse, Failure> {
+    let ResponseHead {
+        status,
+        http11,
+        headers,
+    } = head;
+    let has_te = header_values(&headers, "transfer-encoding")
+        .next()
+        .is_some();
+    let mut length: Option<u64> = None;
+    for value in header_values(&headers, "content-length") {
+        let n = parse_content_length(value).ok_or(Failure::Protocol("invalid Content-Length"))?;
+        if length.is_some_and(|l| l != n) {
+            return Err(Failure::Protocol("conflicting Content-Length values"));
+        }
+        length = Some(n);
     }
-    let mut out = String::with_capacity(target.len() + 16);
-    for b in target.bytes() {
-        if keep(b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
+    // RFC 9112 §6.3, in its order.
+    let no_body = req.method == "HEAD" || matches!(status, 204 | 304);
+    let framing = if no_body {
+        Some(BodyFraming::None)
+    } else if has_te {
+        // Chunked last: chunked; anything else ends with the connection.
+        last_coding_is_chunked(&headers).then_some(BodyFraming::Chunked)
+    } else {
+        length.map(BodyFraming::Sized)
+    };
+    // A connection that said it closes, an HTTP/1.0 one, or one whose
+    // framing was doubtful (both headers) is not reused.
+    let reusable = http11
+        && framing.is_some()
+        && !(has_te && length.is_some())
+        && !connection_tokens(&headers).any(|t| t.eq_ignore_ascii_case("close"));
+    let (body_reader, length) = match framing {
+        Some(f) => (
+            PooledBody::Framed(BodyReader::new(reader, f, None)),
+            if has_te && !no_body { None } else { length },
+        ),
+        None => (PooledBody::UntilClose(reader), None),
+    };
+    let body = AnswerBody {
+        body: Some(body_reader),
+        back_to: reusable.then(|| (Arc::clone(pool), req.authority.to_string())),
+        read_timeout: Some(body_timeout),
+        timeout_was: read_timeout,
+    };
+    Ok(BackendResponse {
+        status,
+        headers,
+        length,
+        body: Box::new(body),
+    })
+}
+
+/// Why one try failed.
+enum Failure {
+    /// A pooled connection was found closed before any byte of the answer
+    /// arrived and before any of the body was lost: worth another try.
+    Stale(io::Error),
+    Io(&'static str, io::Error),
+    /// Reading the client's body failed.
+    Client(io::Error),
+    /// The backend broke HTTP.
+    Protocol(&'static str),
+}
+
+impl Failure {
+    /// `first` is the stale pooled connection this try replaced.
+    fn into_error(self, first: Option<&io::Error>) -> BackendError {
+        let retried = |detail: String| match first {
+            Some(e) => format!("{detail} (after a pooled connection failed: {e})"),
+            None => detail,
+        };
+        match self {
+            Failure::Stale(e) => BackendError::Failed {
+                detail: retried(format!("connection closed before an answer: {e}")),
+            },
+            Failure::Io(what, e) if is_timeout(&e) => BackendError::Timeout {
+                detail: retried(format!("{what}: {e}")),
+            },
+            Failure::Io(what, e) => BackendError::Failed {
+                detail: retried(format!("{what}: {e}")),
+            },
+            Failure::Client(e) => client_body_failed(&e),
+            Failure::Protocol(what) => BackendError::Failed {
+                detail: retried(format!("bad response: {what}")),
+            },
         }
     }
-    std::borrow::Cow::Owned(out)
+}
+
+fn client_body_failed(e: &io::Error) -> BackendError {
+    BackendError::ClientBody {
+        detail: e.to_string(),
+    }
+}
+
+/// An error that says the peer closed the connection.
+fn is_closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// The request line, the headers as given, and the framing header.
+fn request_head(req: &BackendRequest<'_>) -> Vec<u8> {
+    let mut head = Vec::with_capacity(512);
+    head.extend_from_slice(req.method.as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(req.path_and_query.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    crate::http1::push_fields(&mut head, req.headers);
+    match req.framing {
+        // As Go's transport does: `Content-Length: 0` for the methods that
+        // expect a body (RFC 9110 §8.6 lets a client send it), none for the
+        // others; never chunked, which servers without chunked uploads
+        // answer with 411, and which an HTTP/1.0 client never sent.
+        BodyFraming::None if matches!(req.method, "POST" | "PUT" | "PATCH") => {
+            head.extend_from_slice(b"Content-Length: 0\r\n");
+        }
+        BodyFraming::None => {}
+        BodyFraming::Sized(n) => {
+            head.extend_from_slice(b"Content-Length: ");
+            head.extend_from_slice(n.to_string().as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        BodyFraming::Chunked => head.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// Which side of a body copy failed.
+enum Copy {
+    Client(io::Error),
+    Backend(io::Error),
+}
+
+fn read_client(body: &mut dyn Read, buf: &mut [u8]) -> Result<usize, Copy> {
+    loop {
+        match body.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other.map_err(Copy::Client),
+        }
+    }
+}
+
+fn copy_sized(body: &mut dyn Read, mut out: &TcpStream, mut left: u64) -> Result<(), Copy> {
+    let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+    while left > 0 {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = read_client(body, &mut buf[..want])?;
+        if n == 0 {
+            return Err(Copy::Client(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "client closed the connection before the end of the request body",
+            )));
+        }
+        out.write_all(&buf[..n]).map_err(Copy::Backend)?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Each read of the client's body goes out as one chunk, in one write.
+fn copy_chunked(body: &mut dyn Read, mut out: &TcpStream) -> Result<(), Copy> {
+    let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+    let data_end = buf.len() - 2;
+    loop {
+        let n = read_client(body, &mut buf[CHUNK_HEAD_ROOM..data_end])?;
+        if n == 0 {
+            return out.write_all(b"0\r\n\r\n").map_err(Copy::Backend);
+        }
+        let size = format!("{n:x}\r\n");
+        let start = CHUNK_HEAD_ROOM - size.len();
+        buf[start..CHUNK_HEAD_ROOM].copy_from_slice(size.as_bytes());
+        let end = CHUNK_HEAD_ROOM + n;
+        buf[end..end + 2].copy_from_slice(b"\r\n");
+        out.write_all(&buf[start..end + 2]).map_err(Copy::Backend)?;
+    }
+}
+
+/// A backend connection and the read timeout set on it (set only when it
+/// changes: most requests on a pooled connection cost no `setsockopt`).
+struct Conn {
+    stream: TcpStream,
+    read_timeout: Option<Duration>,
+    /// Taken from the pool, not freshly connected.
+    reused: bool,
+}
+
+impl Conn {
+    fn connect(authority: &str, timeouts: Timeouts) -> Result<Conn, BackendError> {
+        let stream = connect(authority, timeouts.connect)?;
+        let _ = stream.set_nodelay(true);
+        // Never changes for this connection: set once.
+        let _ = stream.set_write_timeout(Some(timeouts.body));
+        Ok(Conn {
+            stream,
+            read_timeout: None,
+            reused: false,
+        })
+    }
+
+    /// The backend has not closed this idle connection, nor sent anything
+    /// unasked: a non-blocking peek finds nothing to read yet.
+    fn looks_open(&self) -> bool {
+        let mut byte = [0u8; 1];
+        // SAFETY: recv writes at most one byte into `byte`, which lives
+        // across the call; the descriptor is owned by `self.stream`.
+        let n = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&self.stream),
+                byte.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+    }
+}
+
+/// Sets a socket's read timeout when it differs from the one in force.
+pub fn set_read_timeout(
+    stream: &TcpStream,
+    current: &mut Option<Duration>,
+    want: Duration,
+) -> io::Result<()> {
+    if *current != Some(want) {
+        stream.set_read_timeout(Some(want))?;
+        *current = Some(want);
+    }
+    Ok(())
+}
+
+/// Resolves and connects, trying each address in turn.
+pub fn connect(authority: &str, timeout: Duration) -> Result<TcpStream, BackendError> {
+    let addrs: Vec<SocketAddr> = authority
+        .to_socket_addrs()
+        .map_err(|e| BackendError::Connect {
+            timed_out: false,
+            detail: format!("resolving {authority}: {e}"),
+        })?
+        .collect();
+    let mut last = BackendError::Connect {
+        timed_out: false,
+        detail: format!("{authority} resolves to no address"),
+    };
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) if is_local_shortage(&e) => {
+                return Err(BackendError::Local {
+                    detail: format!("connecting to {addr}: {e}"),
+                });
+            }
+            Err(e) => {
+                last = BackendError::Connect {
+                    timed_out: is_timeout(&e),
+                    detail: format!("connecting to {addr}: {e}"),
+                };
+            }
+        }
+    }
+    Err(last)
+}
+
+/// A response head as received.
+pub struct ResponseHead {
+    pub status: u16,
+    /// `HTTP/1.1` (else `HTTP/1.0`).
+    pub http11: bool,
+    /// Names as the backend spelt them; values as bytes (see
+    /// [`field_from_bytes`]).
+    pub headers: Vec<(String, String)>,
+}
+
+/// Why no response head could be read.
+pub enum AnswerError {
+    /// Not one byte of an answer arrived.
+    Nothing(io::Error),
+    /// Part of a head arrived, or a malformed one.
+    Partial(io::Error),
+}
+
+/// Reads one response head by `deadline`, each read waiting at most
+/// `body_timeout`. `read_timeout` is the timeout set on the socket, kept
+/// up to date (rounded up to whole seconds, so that it mostly stays put).
+pub fn read_response_head(
+    conn: &mut BufReader<TcpStream>,
+    deadline: Instant,
+    read_timeout: &mut Option<Duration>,
+    body_timeout: Duration,
+) -> Result<ResponseHead, AnswerError> {
+    let mut head: Vec<u8> = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let fail = |e: io::Error, head: &[u8]| {
+            if head.is_empty() {
+                AnswerError::Nothing(e)
+            } else {
+                AnswerError::Partial(e)
+            }
+        };
+        if left.is_zero() {
+            return Err(fail(io::ErrorKind::TimedOut.into(), &head));
+        }
+        let wait = body_timeout.min(Duration::from_secs(left.as_secs() + 1));
+        set_read_timeout(conn.get_ref(), read_timeout, wait).map_err(|e| fail(e, &head))?;
+        let available = match conn.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(fail(e, &head)),
+        };
+        if available.is_empty() {
+            return Err(fail(
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "backend closed the connection before a complete response head",
+                ),
+                &head,
+            ));
+        }
+        let before = head.len();
+        head.extend_from_slice(available);
+        let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+        let mut resp = httparse::Response::new(&mut fields);
+        let malformed =
+            |why: String| AnswerError::Partial(io::Error::new(io::ErrorKind::InvalidData, why));
+        match resp.parse(&head) {
+            Ok(httparse::Status::Complete(len)) => {
+                conn.consume(len - before);
+                let headers = resp
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.to_string(), field_from_bytes(h.value)))
+                    .collect();
+                return Ok(ResponseHead {
+                    status: resp.code.unwrap_or(0),
+                    http11: resp.version == Some(1),
+                    headers,
+                });
+            }
+            Ok(httparse::Status::Partial) if head.len() <= MAX_RESPONSE_HEAD_BYTES => {
+                let n = head.len() - before;
+                conn.consume(n);
+            }
+            Ok(httparse::Status::Partial) => {
+                return Err(malformed("response head too large".into()));
+            }
+            Err(e) => return Err(malformed(format!("bad response head: {e}"))),
+        }
+    }
+}
+
+/// The body of an answer, as framed.
+enum PooledBody {
+    Framed(BodyReader<BufReader<TcpStream>, io::Sink>),
+    /// Neither a length nor chunked: the body ends with the connection.
+    UntilClose(BufReader<TcpStream>),
+}
+
+/// A backend's answer body. Once it has been read to its end, the
+/// connection goes back to the pool (if the answer allows reuse); dropped
+/// earlier, the connection is closed.
+struct AnswerBody {
+    body: Option<PooledBody>,
+    /// Where the connection goes when the body is done.
+    back_to: Option<(Arc<Pool>, String)>,
+    /// The body's reads wait at most this long.
+    read_timeout: Option<Duration>,
+    /// The timeout set on the socket while the head was read.
+    timeout_was: Option<Duration>,
+}
+
+impl Read for AnswerBody {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(want) = self.read_timeout.take() {
+            let stream = match &self.body {
+                Some(PooledBody::Framed(r)) => r.get_ref().get_ref(),
+                Some(PooledBody::UntilClose(r)) => r.get_ref(),
+                None => return Ok(0),
+            };
+            set_read_timeout(stream, &mut self.timeout_was, want)?;
+        }
+        match &mut self.body {
+            Some(PooledBody::Framed(r)) => r.read(buf),
+            Some(PooledBody::UntilClose(r)) => r.read(buf),
+            None => Ok(0),
+        }
+    }
+}
+
+impl Drop for AnswerBody {
+    fn drop(&mut self) {
+        let (Some((pool, authority)), Some(PooledBody::Framed(reader))) =
+            (self.back_to.take(), self.body.take())
+        else {
+            return;
+        };
+        // Only a body read to its very end, with nothing after it: bytes
+        // past the answer would be read as the next answer's start.
+        if !reader.is_complete() || !reader.get_ref().buffer().is_empty() {
+            return;
+        }
+        let stream = reader.into_inner().into_inner();
+        pool.put(
+            &authority,
+            Conn {
+                stream,
+                read_timeout: self.timeout_was,
+                reused: true,
+            },
+        );
+    }
+}
+
+/// Idle keep-alive connections by backend authority. Newest last: the
+/// warmest is taken first, and the ones idle too long age out at the
+/// front. A backend with no idle connection has no entry, so backends that
+/// come and go leave nothing behind.
+struct Pool {
+    idle: Mutex<PoolState>,
+    per_backend: usize,
+}
+
+#[derive(Default)]
+struct PoolState {
+    by_backend: HashMap<String, Vec<Idle>>,
+    total: usize,
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+fn is_expired(idle: &Idle, now: Instant) -> bool {
+    now.duration_since(idle.since) > Duration::from_secs(POOL_IDLE_MAX_SECS)
+}
+
+impl Pool {
+    /// The newest idle connection to `authority`, if it is fresh enough
+    /// (when it is not, none is: the others are older).
+    fn take(&self, authority: &str) -> Option<Conn> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let taken = {
+            let mut state = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let PoolState { by_backend, total } = &mut *state;
+            let list = by_backend.get_mut(authority)?;
+            let newest = list.pop();
+            let taken = match newest {
+                Some(idle) if !is_expired(&idle, now) => Some(idle.conn),
+                Some(idle) => {
+                    expired.push(idle);
+                    expired.append(list);
+                    None
+                }
+                None => None,
+            };
+            *total -= expired.len() + usize::from(taken.is_some());
+            if list.is_empty() {
+                by_backend.remove(authority);
+            }
+            taken
+        };
+        // Closed outside the lock.
+        drop(expired);
+        taken
+    }
+
+    fn put(&self, authority: &str, conn: Conn) {
+        let now = Instant::now();
+        let mut state = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let PoolState { by_backend, total } = &mut *state;
+        let list = match by_backend.get_mut(authority) {
+            Some(list) => list,
+            None => by_backend.entry(authority.to_string()).or_default(),
+        };
+        let expired = list.iter().take_while(|i| is_expired(i, now)).count();
+        let dropped: Vec<Idle> = list.drain(..expired).collect();
+        *total -= dropped.len();
+        if list.len() < self.per_backend && *total < POOL_IDLE_MAX_TOTAL {
+            list.push(Idle { conn, since: now });
+            *total += 1;
+        } else if list.is_empty() {
+            by_backend.remove(authority);
+        }
+        drop(state);
+        drop(dropped);
+    }
 }
 
 /// Out of file descriptors (EMFILE, ENFILE): the router's shortage, which
@@ -221,66 +770,4 @@ fn uri_safe(target: &str) -> std::borrow::Cow<'_, str> {
 /// or backend may well work.)
 pub fn is_local_shortage(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-}
-
-fn classify(e: ureq::Error) -> BackendError {
-    use ureq::{Error, Timeout};
-    let detail = e.to_string();
-    match e {
-        // Failures before a connection existed: nothing was sent.
-        Error::ConnectionFailed | Error::HostNotFound => BackendError::Connect {
-            timed_out: false,
-            detail,
-        },
-        Error::Timeout(Timeout::Connect | Timeout::Resolve) => BackendError::Connect {
-            timed_out: true,
-            detail,
-        },
-        Error::Io(ref io) if is_local_shortage(io) => BackendError::Local { detail },
-        // ureq's connector reports these from connect(), before any byte
-        // of the request was written.
-        Error::Io(ref io)
-            if matches!(
-                io.kind(),
-                io::ErrorKind::ConnectionRefused
-                    | io::ErrorKind::HostUnreachable
-                    | io::ErrorKind::NetworkUnreachable
-                    | io::ErrorKind::AddrNotAvailable
-            ) =>
-        {
-            BackendError::Connect {
-                timed_out: false,
-                detail,
-            }
-        }
-        Error::Timeout(_) => BackendError::Timeout { detail },
-        Error::Io(ref io)
-            if matches!(
-                io.kind(),
-                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-            ) =>
-        {
-            BackendError::Timeout { detail }
-        }
-        Error::BadUri(_) | Error::Http(_) => BackendError::BadRequest { detail },
-        _ => BackendError::Failed { detail },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_target_httparse_accepts_becomes_a_valid_uri() {
-        let mut target = String::from("/a");
-        for b in 0x21u8..0x7f {
-            target.push(char::from(b));
-        }
-        target.push('é');
-        let uri = format!("http://h:1{}", uri_safe(&target));
-        assert!(uri.parse::<ureq::http::Uri>().is_ok(), "{uri}");
-        assert_eq!(uri_safe("/plain/path?q=1&x=%20"), "/plain/path?q=1&x=%20");
-        assert_eq!(uri_safe("/a|b?x={1}"), "/a%7Cb?x=%7B1%7D");
-    }
 }

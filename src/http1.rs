@@ -461,6 +461,16 @@ impl<R: BufRead, W: Write> BodyReader<R, W> {
         self.state == BodyState::Done
     }
 
+    /// The connection it reads from.
+    pub fn get_ref(&self) -> &R {
+        &self.conn
+    }
+
+    /// The connection, positioned just after the body if it is complete.
+    pub fn into_inner(self) -> R {
+        self.conn
+    }
+
     fn read_inner(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if let Some(mut w) = self.continue_to.take() {
             w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;

@@ -409,14 +409,12 @@ fn is_forwarding_header(name: &str) -> bool {
 }
 
 /// Failures that say something about the backend: it refused, did not
-/// answer in time, or broke the exchange. (A request the client made
-/// unsendable, or a client whose upload broke off, does not.)
+/// answer in time, or broke the exchange. (A client whose upload broke
+/// off, or the router's own shortage, does not.)
 fn counts_against_health(e: &BackendError) -> bool {
     !matches!(
         e,
-        BackendError::BadRequest { .. }
-            | BackendError::ClientBody { .. }
-            | BackendError::Local { .. }
+        BackendError::ClientBody { .. } | BackendError::Local { .. }
     )
 }
 
@@ -616,15 +614,13 @@ fn backend_failure(host: &str, upstream: String, e: BackendError) -> Outcome {
             timed_out: true, ..
         }
         | BackendError::Timeout { .. } => (504, "backend did not answer in time"),
-        BackendError::BadRequest { .. } => (400, "request cannot be forwarded"),
         // The server front replaces this answer with its own 400/408.
         BackendError::ClientBody { .. } => (400, "request body incomplete"),
         BackendError::Local { .. } => (503, "router out of resources"),
         _ => (502, "backend unavailable"),
     };
-    // A request that cannot be expressed to a backend, or whose body broke
-    // off, was not read as a whole.
-    let mut outcome = if status == 400 {
+    // A request whose body broke off was not read as a whole.
+    let mut outcome = if matches!(e, BackendError::ClientBody { .. }) {
         refuse_unreadable(status, text, host)
     } else {
         refuse(status, text, host)

@@ -2,27 +2,23 @@
 //! protocol): the handshake with the backend, and after its `101` a
 //! byte-for-byte copy both ways until either side ends or both fall silent.
 //!
-//! ureq cannot hand over a connection after `101 Switching Protocols`, so
-//! this module speaks the little HTTP/1.1 the handshake needs on a socket
-//! of its own. It knows nothing of routing or header rules (`proxy` decides
-//! what is sent) and never pools: an upgrade connection is used once.
+//! The handshake goes on a connection of its own, made and read by the
+//! backend edge's `connect` and `read_response_head`, and never pooled: an
+//! upgrade connection is used once. It knows nothing of routing or header
+//! rules (`proxy` decides what is sent).
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::io::{self, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::backend::BackendError;
+use crate::backend::{self, AnswerError, BackendError};
 use crate::health::now_ms;
 use crate::http1::{
-    BodyFraming, BodyReader, field_from_bytes, header, is_timeout, last_coding_is_chunked,
-    parse_content_length,
+    BodyFraming, BodyReader, header, is_timeout, last_coding_is_chunked, parse_content_length,
 };
 
-/// A backend's response head, like a request head, is bounded.
-const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
-const MAX_RESPONSE_HEADERS: usize = 100;
 const BUFFER_BYTES: usize = 16 * 1024;
 const RELAY_STACK_BYTES: usize = 128 * 1024;
 
@@ -55,7 +51,7 @@ pub fn handshake(
     head: &[u8],
     timeouts: HandshakeTimeouts,
 ) -> Result<Handshake, BackendError> {
-    let stream = connect(authority, timeouts.connect)?;
+    let stream = backend::connect(authority, timeouts.connect)?;
     let failed = |what: &str, e: io::Error| {
         if is_timeout(&e) {
             BackendError::Timeout {
@@ -74,100 +70,22 @@ pub fn handshake(
         .map_err(|e| failed("sending the upgrade request", e))?;
     let deadline = Instant::now() + timeouts.response;
     let mut conn = BufReader::with_capacity(BUFFER_BYTES, stream);
+    let mut read_timeout = None;
     loop {
-        let (status, headers) =
-            read_response_head(&mut conn, deadline).map_err(|e| failed("reading the answer", e))?;
-        if status == 101 || !(100..200).contains(&status) {
+        let answer =
+            backend::read_response_head(&mut conn, deadline, &mut read_timeout, timeouts.body)
+                .map_err(|e| match e {
+                    AnswerError::Nothing(e) | AnswerError::Partial(e) => {
+                        failed("reading the answer", e)
+                    }
+                })?;
+        if answer.status == 101 || !(100..200).contains(&answer.status) {
             return Ok(Handshake {
-                status,
-                headers,
+                status: answer.status,
+                headers: answer.headers,
                 conn,
                 body_timeout: timeouts.body,
             });
-        }
-    }
-}
-
-/// Resolves and connects, trying each address in turn.
-fn connect(authority: &str, timeout: Duration) -> Result<TcpStream, BackendError> {
-    let addrs: Vec<SocketAddr> = authority
-        .to_socket_addrs()
-        .map_err(|e| BackendError::Connect {
-            timed_out: false,
-            detail: format!("resolving {authority}: {e}"),
-        })?
-        .collect();
-    let mut last = BackendError::Connect {
-        timed_out: false,
-        detail: format!("{authority} resolves to no address"),
-    };
-    for addr in addrs {
-        match TcpStream::connect_timeout(&addr, timeout) {
-            Ok(s) => return Ok(s),
-            Err(e) if crate::backend::is_local_shortage(&e) => {
-                return Err(BackendError::Local {
-                    detail: format!("connecting to {addr}: {e}"),
-                });
-            }
-            Err(e) => {
-                last = BackendError::Connect {
-                    timed_out: is_timeout(&e),
-                    detail: format!("connecting to {addr}: {e}"),
-                };
-            }
-        }
-    }
-    Err(last)
-}
-
-fn read_response_head(
-    conn: &mut BufReader<TcpStream>,
-    deadline: Instant,
-) -> io::Result<(u16, Vec<(String, String)>)> {
-    let mut head = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        conn.get_ref().set_read_timeout(Some(left))?;
-        let available = conn.fill_buf()?;
-        if available.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "backend closed the connection before a complete response head",
-            ));
-        }
-        let before = head.len();
-        head.extend_from_slice(available);
-        let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-        let mut resp = httparse::Response::new(&mut fields);
-        match resp.parse(&head) {
-            Ok(httparse::Status::Complete(len)) => {
-                conn.consume(len - before);
-                let headers = resp
-                    .headers
-                    .iter()
-                    .map(|h| (h.name.to_string(), field_from_bytes(h.value)))
-                    .collect();
-                return Ok((resp.code.unwrap_or(0), headers));
-            }
-            Ok(httparse::Status::Partial) if head.len() <= MAX_RESPONSE_HEAD_BYTES => {
-                let n = head.len() - before;
-                conn.consume(n);
-            }
-            Ok(httparse::Status::Partial) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "response head too large",
-                ));
-            }
-            Err(e) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("bad response head: {e}"),
-                ));
-            }
         }
     }
 }

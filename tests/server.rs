@@ -359,7 +359,7 @@ fn streamed_answers_are_passed_on_as_they_come() {
 }
 
 #[test]
-fn targets_the_uri_grammar_forbids_are_still_forwarded() {
+fn targets_are_forwarded_byte_for_byte_even_what_the_uri_grammar_forbids() {
     let (_etcd, b, router) = setup();
     let out = raw_exchange(
         &router.addr(),
@@ -370,10 +370,9 @@ fn targets_the_uri_grammar_forbids_are_still_forwarded() {
         T,
     );
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    assert_eq!(
-        b.last_seen().url,
-        "/a%7Cb?x=%7B1%7D&y=%22q%22&z=%60%3C%3E%60"
-    );
+    // As nginx passes them: rewriting them would change what the
+    // backend's own parser (and any signature over the URL) sees.
+    assert_eq!(b.last_seen().url, "/a|b?x={1}&y=\"q\"&z=`<>`");
 }
 
 #[test]
