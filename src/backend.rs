@@ -28,6 +28,9 @@ const POOL_IDLE_MAX_SECS: u64 = 4;
 /// Idle keep-alive connections kept per backend, and in all.
 const POOL_IDLE_MAX_PER_BACKEND: usize = 256;
 const POOL_IDLE_MAX_TOTAL: usize = 1024;
+/// Every this many connections put back, the whole pool is swept of
+/// expired ones (see `PoolState::sweep`).
+const POOL_SWEEP_EVERY_PUTS: usize = 1024;
 /// A backend's response head is bounded like a client's request head.
 pub const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
 const MAX_RESPONSE_HEADERS: usize = 100;
@@ -41,6 +44,9 @@ const REPLAYABLE_BODY_BYTES: u64 = 16 * 1024;
 /// size line (up to 8 hex digits and CRLF).
 const COPY_BUFFER_BYTES: usize = 32 * 1024;
 const CHUNK_HEAD_ROOM: usize = 10;
+/// How long to look for an answer the backend may have sent before it
+/// stopped taking the request body.
+const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct BackendRequest<'a> {
@@ -142,33 +148,29 @@ impl BackendClient {
     /// Sends the request, its body read from `body` per `framing`. On
     /// [`BackendError::Connect`] nothing has been read from `body`.
     ///
-    /// A pooled connection the backend closed meanwhile is found out
-    /// either before the request goes (a request with a streamed body peeks
-    /// first) or by an answer that never starts; the request then goes once
-    /// more on a fresh connection, which is safe because none of its body
-    /// was lost (it had none, or it is held whole, see
-    /// [`REPLAYABLE_BODY_BYTES`]).
+    /// A pooled connection is used only if a non-blocking peek, just before
+    /// the request goes, finds nothing on it: not the backend's close, nor
+    /// bytes it sent unasked (the late end of an earlier answer, which would
+    /// be taken for the start of this one). If it closes after all before
+    /// the first byte of an answer (the backend timed it out as the request
+    /// left), an idempotent request goes once more on a fresh connection;
+    /// any other answers `502`, as the backend may have acted on it.
     pub fn send(
         &self,
         req: &BackendRequest<'_>,
         body: &mut dyn Read,
     ) -> Result<BackendResponse, BackendError> {
-        let mut pooled = self.pool.take(req.authority);
         let streamed = match req.framing {
             BodyFraming::None => false,
             BodyFraming::Sized(n) => n > REPLAYABLE_BODY_BYTES,
             BodyFraming::Chunked => true,
         };
-        if streamed {
-            // No second chance once the body streams: leave behind any
-            // pooled connection that is already closed.
-            while pooled.as_ref().is_some_and(|c| !c.looks_open()) {
-                pooled = self.pool.take(req.authority);
-            }
-        }
-        let conn = match pooled {
-            Some(conn) => conn,
-            None => Conn::connect(req.authority, self.timeouts)?,
+        // A connection first, so that a refused connect (the next backend's
+        // turn) comes before any of the body is read.
+        let mut pooled = self.pool.take(req.authority);
+        let mut fresh = match pooled {
+            Some(_) => None,
+            None => Some(Conn::connect(req.authority, self.timeouts)?),
         };
         let mut request = request_head(req);
         if let BodyFraming::Sized(n) = req.framing
@@ -185,10 +187,22 @@ impl BackendClient {
                 });
             }
         }
-        let reused = conn.reused;
+        while pooled.as_ref().is_some_and(|c| !c.looks_open()) {
+            pooled = self.pool.take(req.authority);
+        }
+        let conn = match (pooled, fresh.take()) {
+            (Some(conn), _) | (None, Some(conn)) => conn,
+            (None, None) => Conn::connect(req.authority, self.timeouts)?,
+        };
+        let replayable = !streamed && is_idempotent(req);
         match self.exchange(conn, &request, req, body, streamed) {
-            Err(Failure::Stale(e)) if reused => {
-                let fresh = Conn::connect(req.authority, self.timeouts)?;
+            Err(Failure::Stale(e)) if replayable => {
+                // Not `Connect`: the first try may have reached the backend.
+                let fresh = Conn::connect(req.authority, self.timeouts).map_err(|c| {
+                    BackendError::Failed {
+                        detail: format!("{c} (after a pooled connection failed: {e})"),
+                    }
+                })?;
                 self.exchange(fresh, &request, req, body, streamed)
                     .map_err(|f| f.into_error(Some(&e)))
             }
@@ -206,46 +220,69 @@ impl BackendClient {
         body: &mut dyn Read,
         streamed: bool,
     ) -> Result<BackendResponse, Failure> {
+        let reused = conn.reused;
         if let Err(e) = (&conn.stream).write_all(request) {
-            return Err(if is_closed(&e) {
+            return Err(if reused && is_closed(&e) {
                 Failure::Stale(e)
             } else {
                 Failure::Io("sending the request", e)
             });
         }
+        // Set when the backend stopped taking the body: it may have
+        // answered already (413, 401...), and that answer is worth more
+        // than a 502. The connection is not reused after it.
+        let mut body_refused = None;
         if streamed {
             let copied = match req.framing {
                 BodyFraming::Chunked => copy_chunked(body, &conn.stream),
                 BodyFraming::Sized(n) => copy_sized(body, &conn.stream, n),
                 BodyFraming::None => Ok(()),
             };
-            copied.map_err(|e| match e {
-                Copy::Client(e) => Failure::Client(e),
-                Copy::Backend(e) => Failure::Io("sending the request body", e),
-            })?;
+            match copied {
+                Ok(()) => {}
+                Err(Copy::Client(e)) => return Err(Failure::Client(e)),
+                Err(Copy::Backend(e)) => body_refused = Some(e),
+            }
         }
-        let deadline = Instant::now() + self.timeouts.response;
+        let deadline = match body_refused {
+            Some(_) => Instant::now() + self.timeouts.response.min(EARLY_ANSWER_WAIT),
+            None => Instant::now() + self.timeouts.response,
+        };
         let mut reader = BufReader::with_capacity(RESPONSE_BUFFER_BYTES, conn.stream);
+        let mut interim_seen = false;
         let head = loop {
             let head = read_response_head(
                 &mut reader,
                 deadline,
                 &mut conn.read_timeout,
                 self.timeouts.body,
-            )
-            .map_err(|e| match e {
-                AnswerError::Nothing(e) if !streamed && is_closed(&e) => Failure::Stale(e),
-                AnswerError::Nothing(e) | AnswerError::Partial(e) => {
-                    Failure::Io("reading the response head", e)
+            );
+            let head = match (head, body_refused.take()) {
+                (Ok(head), refused) => {
+                    body_refused = refused;
+                    head
                 }
-            })?;
+                (Err(_), Some(e)) => return Err(Failure::Io("sending the request body", e)),
+                // Nothing at all of an answer on a reused connection: it
+                // was closed as the request left.
+                (Err(AnswerError::Nothing(e)), None)
+                    if reused && !interim_seen && is_closed(&e) =>
+                {
+                    return Err(Failure::Stale(e));
+                }
+                (Err(AnswerError::Nothing(e) | AnswerError::Partial(e)), None) => {
+                    return Err(Failure::Io("reading the response head", e));
+                }
+            };
             match head.status {
                 101 => return Err(Failure::Protocol("101 to a request that asked no upgrade")),
                 // Interim answers (100, 103): the final one follows.
-                100..=199 => continue,
-                _ => break head,
+                100..=199 => interim_seen = true,
+                200..=599 => break head,
+                _ => return Err(Failure::Protocol("status code outside 100-599")),
             }
         };
+        let reuse = body_refused.is_none();
         response(
             req,
             head,
@@ -253,8 +290,21 @@ impl BackendClient {
             conn.read_timeout,
             &self.pool,
             self.timeouts.body,
+            reuse,
         )
     }
+}
+
+/// RFC 9110 §9.2.2: a request that may be sent twice without a different
+/// effect: an idempotent method, or one the client marked with an
+/// idempotency key.
+fn is_idempotent(req: &BackendRequest<'_>) -> bool {
+    matches!(
+        req.method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    ) || header_values(req.headers, "idempotency-key")
+        .next()
+        .is_some()
 }
 
 /// Builds the framing of the answer and the reader of its body, which puts
@@ -266,6 +316,7 @@ fn response(
     read_timeout: Option<Duration>,
     pool: &Arc<Pool>,
     body_timeout: Duration,
+    reuse: bool,
 ) -> Result<BackendResponse, Failure> {
     let ResponseHead {
         status,
@@ -295,7 +346,8 @@ fn response(
     };
     // A connection that said it closes, an HTTP/1.0 one, or one whose
     // framing was doubtful (both headers) is not reused.
-    let reusable = http11
+    let reusable = reuse
+        && http11
         && framing.is_some()
         && !(has_te && length.is_some())
         && !connection_tokens(&headers).any(|t| t.eq_ignore_ascii_case("close"));
@@ -322,8 +374,8 @@ fn response(
 
 /// Why one try failed.
 enum Failure {
-    /// A pooled connection was found closed before any byte of the answer
-    /// arrived and before any of the body was lost: worth another try.
+    /// A pooled connection closed before any byte of an answer arrived:
+    /// worth another try when the request is idempotent and held whole.
     Stale(io::Error),
     Io(&'static str, io::Error),
     /// Reading the client's body failed.
@@ -700,6 +752,26 @@ struct Pool {
 struct PoolState {
     by_backend: HashMap<String, Vec<Idle>>,
     total: usize,
+    /// Connections put back since the last sweep.
+    puts: usize,
+}
+
+impl PoolState {
+    /// Takes out every expired connection of every backend, and the entries
+    /// left empty: a backend that is no longer asked for (removed from
+    /// etcd, say) would otherwise keep its sockets and its share of the
+    /// total cap for good.
+    fn sweep(&mut self, now: Instant) -> Vec<Idle> {
+        let mut expired = Vec::new();
+        self.by_backend.retain(|_, list| {
+            let n = list.iter().take_while(|i| is_expired(i, now)).count();
+            expired.extend(list.drain(..n));
+            !list.is_empty()
+        });
+        self.total -= expired.len();
+        self.puts = 0;
+        expired
+    }
 }
 
 struct Idle {
@@ -719,7 +791,9 @@ impl Pool {
         let mut expired = Vec::new();
         let taken = {
             let mut state = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            let PoolState { by_backend, total } = &mut *state;
+            let PoolState {
+                by_backend, total, ..
+            } = &mut *state;
             let list = by_backend.get_mut(authority)?;
             let newest = list.pop();
             let taken = match newest {
@@ -745,20 +819,28 @@ impl Pool {
     fn put(&self, authority: &str, conn: Conn) {
         let now = Instant::now();
         let mut state = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let PoolState { by_backend, total } = &mut *state;
+        state.puts += 1;
+        // Now and then, and whenever the cap is reached: each connection is
+        // swept once, so this is O(1) a put on average.
+        let dropped = if state.total >= POOL_IDLE_MAX_TOTAL || state.puts >= POOL_SWEEP_EVERY_PUTS {
+            state.sweep(now)
+        } else {
+            Vec::new()
+        };
+        let PoolState {
+            by_backend, total, ..
+        } = &mut *state;
         let list = match by_backend.get_mut(authority) {
             Some(list) => list,
             None => by_backend.entry(authority.to_string()).or_default(),
         };
-        let expired = list.iter().take_while(|i| is_expired(i, now)).count();
-        let dropped: Vec<Idle> = list.drain(..expired).collect();
-        *total -= dropped.len();
         if list.len() < self.per_backend && *total < POOL_IDLE_MAX_TOTAL {
             list.push(Idle { conn, since: now });
             *total += 1;
         } else if list.is_empty() {
             by_backend.remove(authority);
         }
+        // Closed outside the lock.
         drop(state);
         drop(dropped);
     }

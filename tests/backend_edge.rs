@@ -18,11 +18,30 @@ const HOST: &str = "edge.example";
 struct Received {
     /// Which connection (0, 1, ...) it came on.
     conn: usize,
+    /// Which request of that connection it is (0: the first).
+    nth: usize,
     head: String,
     body: Vec<u8>,
 }
 
-type Script = dyn Fn(&Received) -> (Vec<u8>, bool) + Send + Sync;
+/// What a scripted backend does with a request.
+struct Reply {
+    answer: Vec<u8>,
+    /// Bytes sent a moment after the answer, unasked.
+    later: Option<Vec<u8>>,
+    /// Close the connection after the answer.
+    close: bool,
+}
+
+fn reply(answer: &[u8], close: bool) -> Reply {
+    Reply {
+        answer: answer.to_vec(),
+        later: None,
+        close,
+    }
+}
+
+type Script = dyn Fn(&Received) -> Reply + Send + Sync;
 
 /// A backend that answers each request with what `script` says (the
 /// answer's bytes, and whether to close the connection after them), and
@@ -33,7 +52,7 @@ struct ScriptedBackend {
 }
 
 impl ScriptedBackend {
-    fn start(script: impl Fn(&Received) -> (Vec<u8>, bool) + Send + Sync + 'static) -> Self {
+    fn start(script: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the backend");
         let addr = listener.local_addr().expect("backend address");
         let received = Arc::new(Mutex::new(Vec::new()));
@@ -62,7 +81,7 @@ fn serve(stream: TcpStream, conn: usize, received: &Mutex<Vec<Received>>, script
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let mut out = stream.try_clone().expect("clone the backend socket");
     let mut reader = BufReader::new(stream);
-    loop {
+    for nth in 0.. {
         let mut head = String::new();
         loop {
             let mut line = String::new();
@@ -104,11 +123,26 @@ fn serve(stream: TcpStream, conn: usize, received: &Mutex<Vec<Received>>, script
                 return;
             }
         }
-        let request = Received { conn, head, body };
+        let request = Received {
+            conn,
+            nth,
+            head,
+            body,
+        };
         received.lock().unwrap().push(request.clone());
-        let (answer, close) = script(&request);
+        let Reply {
+            answer,
+            later,
+            close,
+        } = script(&request);
         if out.write_all(&answer).is_err() || close {
             return;
+        }
+        if let Some(later) = later {
+            std::thread::sleep(Duration::from_millis(30));
+            if out.write_all(&later).is_err() {
+                return;
+            }
         }
     }
 }
@@ -145,19 +179,21 @@ fn exchange(router: &InProcessRouter, raw: &[u8], answers: usize) -> Vec<String>
         .collect()
 }
 
-fn ok(_: &Received) -> (Vec<u8>, bool) {
-    (
-        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
-        false,
-    )
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+fn ok(_: &Received) -> Reply {
+    reply(OK, false)
+}
+
+fn path(r: &Received) -> &str {
+    r.head.split(' ').nth(1).unwrap_or("")
 }
 
 #[test]
 fn header_names_keep_their_spelling_both_ways() {
     let backend = ScriptedBackend::start(|_| {
-        (
-            b"HTTP/1.1 200 OK\r\nSOAPAction: urn:x\r\nx-all-lower: 1\r\nX-MiXeD-CaSe: 2\r\nContent-Length: 2\r\n\r\nok"
-                .to_vec(),
+        reply(
+            b"HTTP/1.1 200 OK\r\nSOAPAction: urn:x\r\nx-all-lower: 1\r\nX-MiXeD-CaSe: 2\r\nContent-Length: 2\r\n\r\nok",
             false,
         )
     });
@@ -197,12 +233,7 @@ fn idle_backend_connections_are_reused() {
 /// fresh one. Nothing is lost or sent twice, whatever the body.
 #[test]
 fn a_pooled_connection_closed_by_the_backend_is_replaced_without_an_error() {
-    let backend = ScriptedBackend::start(|_| {
-        (
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
-            true,
-        )
-    });
+    let backend = ScriptedBackend::start(|_| reply(OK, true));
     let router = InProcessRouter::start(&[(HOST, &backend.url())]);
     let big = "x".repeat(100 * 1024);
     let requests = [
@@ -245,17 +276,17 @@ fn a_pooled_connection_closed_by_the_backend_is_replaced_without_an_error() {
 #[test]
 fn answers_are_framed_as_the_backend_framed_them() {
     let backend = ScriptedBackend::start(|r| {
-        let path = r.head.split(' ').nth(1).unwrap_or("").to_string();
-        let answer: &[u8] = match path.as_str() {
+        let answer: &[u8] = match path(r) {
             "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n",
             "/no-content" => b"HTTP/1.1 204 No Content\r\n\r\n",
             "/interim" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nfin",
             "/until-close" => b"HTTP/1.1 200 OK\r\n\r\nall of it",
             "/conflicting" => b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
             "/signed" => b"HTTP/1.1 200 OK\r\nContent-Length: +3\r\n\r\nabc",
-            _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            "/status-0" => b"HTTP/1.1 000 Zero\r\nContent-Length: 2\r\n\r\nok",
+            _ => OK,
         };
-        (answer.to_vec(), path == "/until-close")
+        reply(answer, path(r) == "/until-close")
     });
     let router = InProcessRouter::start(&[(HOST, &backend.url())]);
     let get = |path: &str| {
@@ -287,10 +318,150 @@ fn answers_are_framed_as_the_backend_framed_them() {
         until_close.ends_with("\r\n\r\n9\r\nall of it\r\n0\r\n\r\n"),
         "{until_close:?}"
     );
-    for broken in ["/conflicting", "/signed"] {
+    for broken in ["/conflicting", "/signed", "/status-0"] {
         let got = get(broken);
         assert!(got.starts_with("HTTP/1.1 502 "), "{broken}: {got}");
     }
-    // Nothing broken went back to the pool: the last request still works.
-    assert!(get("/").starts_with("HTTP/1.1 200 "));
+}
+
+/// Bytes a backend sends after an answer ended (here after a HEAD answer,
+/// whose `Content-Length` announces a body that never comes) are not taken
+/// for the next request's answer: the pooled connection is left behind.
+#[test]
+fn late_bytes_after_an_answer_never_reach_another_request() {
+    let backend = ScriptedBackend::start(|r| match path(r) {
+        "/head" => Reply {
+            answer: b"HTTP/1.1 200 OK\r\nContent-Length: 38\r\n\r\n".to_vec(),
+            later: Some(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nBAD".to_vec()),
+            close: false,
+        },
+        _ => reply(OK, false),
+    });
+    let router = InProcessRouter::start(&[(HOST, &backend.url())]);
+    let head = exchange(
+        &router,
+        b"HEAD /head HTTP/1.1\r\nHost: edge.example\r\n\r\n",
+        0,
+    );
+    assert!(head.is_empty());
+    // The stray bytes have arrived on the pooled connection by now.
+    std::thread::sleep(Duration::from_millis(200));
+    let answers = exchange(
+        &router,
+        b"GET /next HTTP/1.1\r\nHost: edge.example\r\n\r\n",
+        1,
+    );
+    assert!(answers[0].ends_with("\r\n\r\nok"), "{answers:?}");
+    let conns: Vec<usize> = backend.received().iter().map(|r| r.conn).collect();
+    assert_eq!(conns, [0, 1]);
+}
+
+/// The backend reads a request on a reused connection and closes it
+/// without an answer. An idempotent request goes again on a fresh
+/// connection; a POST does not (the backend may have acted on it): `502`,
+/// and the backend saw it once.
+#[test]
+fn only_idempotent_requests_are_sent_again_after_a_pooled_connection_dies() {
+    let backend = ScriptedBackend::start(|r| match (path(r), r.nth) {
+        ("/dies", 1..) => reply(b"", true),
+        _ => reply(OK, false),
+    });
+    let router = InProcessRouter::start(&[(HOST, &backend.url())]);
+    let warm = b"GET /warm HTTP/1.1\r\nHost: edge.example\r\n\r\n";
+    exchange(&router, warm, 1);
+    let get = exchange(
+        &router,
+        b"GET /dies HTTP/1.1\r\nHost: edge.example\r\n\r\n",
+        1,
+    );
+    assert!(get[0].starts_with("HTTP/1.1 200 "), "{get:?}");
+    exchange(&router, warm, 1);
+    let post = exchange(
+        &router,
+        b"POST /dies HTTP/1.1\r\nHost: edge.example\r\nContent-Length: 2\r\n\r\nhi",
+        1,
+    );
+    assert!(post[0].starts_with("HTTP/1.1 502 "), "{post:?}");
+    let seen: Vec<(usize, String)> = backend
+        .received()
+        .iter()
+        .map(|r| (r.conn, r.head.lines().next().unwrap_or("").to_string()))
+        .collect();
+    let line = |conn: usize, l: &str| (conn, l.to_string());
+    assert_eq!(
+        seen,
+        [
+            line(0, "GET /warm HTTP/1.1"),
+            line(0, "GET /dies HTTP/1.1"),
+            line(1, "GET /dies HTTP/1.1"),
+            line(1, "GET /warm HTTP/1.1"),
+            line(1, "POST /dies HTTP/1.1"),
+        ]
+    );
+}
+
+/// An interim answer (103), then the connection closes: part of an answer
+/// came, so the request is not sent again, whatever its method.
+#[test]
+fn a_request_is_not_sent_again_once_an_interim_answer_came() {
+    let backend = ScriptedBackend::start(|r| match (path(r), r.nth) {
+        ("/hint", 1..) => reply(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", true),
+        _ => reply(OK, false),
+    });
+    let router = InProcessRouter::start(&[(HOST, &backend.url())]);
+    exchange(
+        &router,
+        b"GET /warm HTTP/1.1\r\nHost: edge.example\r\n\r\n",
+        1,
+    );
+    let hint = exchange(
+        &router,
+        b"GET /hint HTTP/1.1\r\nHost: edge.example\r\n\r\n",
+        1,
+    );
+    assert!(hint[0].starts_with("HTTP/1.1 502 "), "{hint:?}");
+    let paths: Vec<String> = backend
+        .received()
+        .iter()
+        .map(|r| path(r).to_string())
+        .collect();
+    assert_eq!(paths, ["/warm", "/hint"]);
+}
+
+/// A backend that answers an upload before reading it (here `413`, then an
+/// abrupt close): the client gets that answer, not a `502`.
+#[test]
+fn an_answer_sent_before_the_upload_ended_reaches_the_client() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            let _ = conn.write_all(
+                b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large",
+            );
+        }
+    });
+    let router = InProcessRouter::start(&[(HOST, &format!("http://{addr}"))]);
+    let size = 8 * 1024 * 1024;
+    let conn = TcpStream::connect(router.addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut sender = conn.try_clone().expect("clone");
+    let head = format!("POST /up HTTP/1.1\r\nHost: edge.example\r\nContent-Length: {size}\r\n\r\n");
+    let sending = std::thread::spawn(move || {
+        let _ = sender.write_all(head.as_bytes());
+        let _ = sender.write_all(&vec![b'x'; size]);
+    });
+    let mut got = String::new();
+    let _ = (&conn).read_to_string(&mut got);
+    drop(conn);
+    let _ = sending.join();
+    assert!(got.starts_with("HTTP/1.1 413 "), "{got:.200}");
+    assert!(got.ends_with("too large"), "{got:.200}");
 }
