@@ -9,9 +9,10 @@
 //! same code as the server side's (`http1::BodyReader`). Redirects are never
 //! followed and bodies never decoded. Every wait is bounded by a timeout.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -248,7 +249,7 @@ impl BackendClient {
             Some(_) => Instant::now() + self.timeouts.response.min(EARLY_ANSWER_WAIT),
             None => Instant::now() + self.timeouts.response,
         };
-        let mut reader = BufReader::with_capacity(RESPONSE_BUFFER_BYTES, conn.stream);
+        let mut reader = Buffered::new(conn.stream);
         let mut interim_seen = false;
         let head = loop {
             let head = read_response_head(
@@ -312,7 +313,7 @@ fn is_idempotent(req: &BackendRequest<'_>) -> bool {
 fn response(
     req: &BackendRequest<'_>,
     head: ResponseHead,
-    reader: BufReader<TcpStream>,
+    reader: Buffered,
     read_timeout: Option<Duration>,
     pool: &Arc<Pool>,
     body_timeout: Duration,
@@ -444,9 +445,8 @@ fn request_head(req: &BackendRequest<'_>) -> Vec<u8> {
         }
         BodyFraming::None => {}
         BodyFraming::Sized(n) => {
-            head.extend_from_slice(b"Content-Length: ");
-            head.extend_from_slice(n.to_string().as_bytes());
-            head.extend_from_slice(b"\r\n");
+            // Writing to a Vec cannot fail.
+            let _ = write!(head, "Content-Length: {n}\r\n");
         }
         BodyFraming::Chunked => head.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
     }
@@ -495,12 +495,96 @@ fn copy_chunked(body: &mut dyn Read, mut out: &TcpStream) -> Result<(), Copy> {
         if n == 0 {
             return out.write_all(b"0\r\n\r\n").map_err(Copy::Backend);
         }
-        let size = format!("{n:x}\r\n");
-        let start = CHUNK_HEAD_ROOM - size.len();
-        buf[start..CHUNK_HEAD_ROOM].copy_from_slice(size.as_bytes());
+        let mut size = [0u8; CHUNK_HEAD_ROOM];
+        let len = {
+            let mut w = &mut size[..];
+            // n < 2^32 fits in 8 hex digits and CRLF.
+            let _ = write!(w, "{n:x}\r\n");
+            CHUNK_HEAD_ROOM - w.len()
+        };
+        let start = CHUNK_HEAD_ROOM - len;
+        buf[start..CHUNK_HEAD_ROOM].copy_from_slice(&size[..len]);
         let end = CHUNK_HEAD_ROOM + n;
         buf[end..end + 2].copy_from_slice(b"\r\n");
         out.write_all(&buf[start..end + 2]).map_err(Copy::Backend)?;
+    }
+}
+
+thread_local! {
+    /// A read buffer left by this thread's last backend answer: most
+    /// requests then allocate none (malloc per request is what makes the
+    /// static musl build slow).
+    static SPARE_BUFFER: Cell<Option<Box<[u8]>>> = const { Cell::new(None) };
+}
+
+/// A backend connection with its read buffer, as `BufReader` would hold
+/// it, but with a buffer taken from this thread's spare and given back by
+/// [`Buffered::into_inner`].
+pub struct Buffered {
+    stream: TcpStream,
+    buf: Box<[u8]>,
+    pos: usize,
+    filled: usize,
+}
+
+impl Buffered {
+    pub fn new(stream: TcpStream) -> Buffered {
+        let buf = SPARE_BUFFER
+            .take()
+            .unwrap_or_else(|| vec![0u8; RESPONSE_BUFFER_BYTES].into_boxed_slice());
+        Buffered {
+            stream,
+            buf,
+            pos: 0,
+            filled: 0,
+        }
+    }
+
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Read from the socket and not consumed yet.
+    pub fn buffer(&self) -> &[u8] {
+        &self.buf[self.pos..self.filled]
+    }
+
+    /// The connection; the buffer (and whatever it still holds) goes back
+    /// to this thread's spare.
+    pub fn into_inner(self) -> TcpStream {
+        SPARE_BUFFER.set(Some(self.buf));
+        self.stream
+    }
+}
+
+impl Read for Buffered {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        // A large read with nothing buffered goes straight to the caller.
+        if self.pos == self.filled && out.len() >= self.buf.len() {
+            return (&self.stream).read(out);
+        }
+        let n = {
+            let available = self.fill_buf()?;
+            let n = available.len().min(out.len());
+            out[..n].copy_from_slice(&available[..n]);
+            n
+        };
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for Buffered {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.pos == self.filled {
+            self.filled = (&self.stream).read(&mut self.buf)?;
+            self.pos = 0;
+        }
+        Ok(&self.buf[self.pos..self.filled])
+    }
+
+    fn consume(&mut self, amt: usize) {
+        self.pos = (self.pos + amt).min(self.filled);
     }
 }
 
@@ -611,7 +695,7 @@ pub enum AnswerError {
 /// `body_timeout`. `read_timeout` is the timeout set on the socket, kept
 /// up to date (rounded up to whole seconds, so that it mostly stays put).
 pub fn read_response_head(
-    conn: &mut BufReader<TcpStream>,
+    conn: &mut Buffered,
     deadline: Instant,
     read_timeout: &mut Option<Duration>,
     body_timeout: Duration,
@@ -679,9 +763,9 @@ pub fn read_response_head(
 
 /// The body of an answer, as framed.
 enum PooledBody {
-    Framed(BodyReader<BufReader<TcpStream>, io::Sink>),
+    Framed(BodyReader<Buffered, io::Sink>),
     /// Neither a length nor chunked: the body ends with the connection.
-    UntilClose(BufReader<TcpStream>),
+    UntilClose(Buffered),
 }
 
 /// A backend's answer body. Once it has been read to its end, the
@@ -728,6 +812,7 @@ impl Drop for AnswerBody {
             return;
         }
         let stream = reader.into_inner().into_inner();
+        // (`into_inner` gave the read buffer back to this thread's spare.)
         pool.put(
             &authority,
             Conn {

@@ -204,11 +204,15 @@ pub fn is_timeout(e: &io::Error) -> bool {
 /// read that is still needed, with whether any byte has arrived yet; the
 /// caller uses it to set the idle and header-deadline timeouts, and returns
 /// a `TimedOut` error to stop waiting.
+///
+/// `head` is scratch space, kept by the caller so that a keep-alive
+/// connection allocates it once.
 pub fn read_head<R: BufRead>(
     reader: &mut R,
+    head: &mut Vec<u8>,
     mut before_each_read: impl FnMut(bool) -> io::Result<()>,
 ) -> Result<RequestHead, HeadError> {
-    let mut head: Vec<u8> = Vec::new();
+    head.clear();
     // Empty lines skipped before the request line: they start the head's
     // deadline (so sending one now and then cannot keep a connection open
     // past the keep-alive timeout), but a head of nothing else is idle.
@@ -253,7 +257,7 @@ pub fn read_head<R: BufRead>(
         let room = MAX_HEAD_BYTES + 1 - before;
         let data = &available[skip..];
         head.extend_from_slice(&data[..data.len().min(room)]);
-        let end = find_head_end(&head, before)?;
+        let end = find_head_end(head, before)?;
         if let Some(end) = end {
             head.truncate(end);
         }
@@ -268,7 +272,7 @@ pub fn read_head<R: BufRead>(
             return Err(HeadError::TooLarge);
         }
         if complete {
-            return parse_head(&head);
+            return parse_head(head);
         }
     }
 }
@@ -775,7 +779,8 @@ pub fn write_response<W: Write>(
 
     let mut head: Vec<u8> = Vec::with_capacity(256);
     head.extend_from_slice(b"HTTP/1.1 ");
-    head.extend_from_slice(resp.status.to_string().as_bytes());
+    // Writing to a Vec cannot fail (and allocates nothing beyond it).
+    let _ = write!(head, "{}", resp.status);
     head.push(b' ');
     head.extend_from_slice(reason(resp.status).as_bytes());
     head.extend_from_slice(b"\r\n");
@@ -785,7 +790,7 @@ pub fn write_response<W: Write>(
         // length of the body it stands for.
         if !matches!(resp.status, 100..=199 | 204) {
             head.extend_from_slice(b"Content-Length: ");
-            head.extend_from_slice(n.to_string().as_bytes());
+            let _ = write!(head, "{n}");
             head.extend_from_slice(b"\r\n");
         }
     }
@@ -927,7 +932,11 @@ mod tests {
     use std::io::{BufReader, Cursor};
 
     fn head(raw: &[u8]) -> Result<RequestHead, HeadError> {
-        read_head(&mut BufReader::new(Cursor::new(raw.to_vec())), |_| Ok(()))
+        read_head(
+            &mut BufReader::new(Cursor::new(raw.to_vec())),
+            &mut Vec::new(),
+            |_| Ok(()),
+        )
     }
 
     fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -993,6 +1002,7 @@ mod tests {
         let mut reads = 0;
         let r = read_head(
             &mut BufReader::new(Cursor::new(b"GET / HTTP/1.1\nX".to_vec())),
+            &mut Vec::new(),
             |_| {
                 reads += 1;
                 Ok(())
@@ -1004,7 +1014,11 @@ mod tests {
         // at the start of the next.
         let split = |a: &[u8], b: &[u8]| {
             let chain = Cursor::new(a.to_vec()).chain(Cursor::new(b.to_vec()));
-            read_head(&mut BufReader::with_capacity(4, chain), |_| Ok(()))
+            read_head(
+                &mut BufReader::with_capacity(4, chain),
+                &mut Vec::new(),
+                |_| Ok(()),
+            )
         };
         assert!(split(b"GET / HTTP/1.1\r", b"\nHost: a\r\n\r\n").is_ok());
         assert!(split(b"\r", b"\nGET / HTTP/1.1\r\nHost: a\r\n\r\n").is_ok());

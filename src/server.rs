@@ -394,6 +394,7 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, &*stream);
     let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, &*stream);
     let mut copy_buf = Vec::new();
+    let mut head_buf = Vec::with_capacity(1024);
     let mut first = true;
 
     loop {
@@ -406,7 +407,7 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             return;
         }
         let mut head_deadline: Option<Instant> = None;
-        let head = http1::read_head(&mut reader, |started| {
+        let head = http1::read_head(&mut reader, &mut head_buf, |started| {
             if started && !registered.set(ACTIVE) {
                 return Err(io::ErrorKind::ConnectionAborted.into());
             }

@@ -7,13 +7,13 @@
 //! upgrade connection is used once. It knows nothing of routing or header
 //! rules (`proxy` decides what is sent).
 
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::backend::{self, AnswerError, BackendError};
+use crate::backend::{self, AnswerError, BackendError, Buffered};
 use crate::health::now_ms;
 use crate::http1::{
     BodyFraming, BodyReader, header, is_timeout, last_coding_is_chunked, parse_content_length,
@@ -39,7 +39,7 @@ pub struct Handshake {
     /// As received; `proxy` filters them.
     pub headers: Vec<(String, String)>,
     /// The connection, positioned just after the response head.
-    conn: BufReader<TcpStream>,
+    conn: Buffered,
     body_timeout: Duration,
 }
 
@@ -69,7 +69,7 @@ pub fn handshake(
         .and_then(|_| (&stream).write_all(head))
         .map_err(|e| failed("sending the upgrade request", e))?;
     let deadline = Instant::now() + timeouts.response;
-    let mut conn = BufReader::with_capacity(BUFFER_BYTES, stream);
+    let mut conn = Buffered::new(stream);
     let mut read_timeout = None;
     loop {
         let answer =
