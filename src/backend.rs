@@ -174,6 +174,7 @@ impl BackendClient {
             None => Some(Conn::connect(req.authority, self.timeouts)?),
         };
         let mut request = request_head(req);
+        let head_len = request.len();
         if let BodyFraming::Sized(n) = req.framing
             && !streamed
         {
@@ -193,7 +194,15 @@ impl BackendClient {
         }
         let conn = match (pooled, fresh.take()) {
             (Some(conn), _) | (None, Some(conn)) => conn,
-            (None, None) => Conn::connect(req.authority, self.timeouts)?,
+            // Every pooled connection was dead: a connection now, after the
+            // body was read, so a failure is no longer a `Connect` (the next
+            // backend could not be given the body).
+            (None, None) => Conn::connect(req.authority, self.timeouts).map_err(|e| match e {
+                BackendError::Connect { detail, .. } if request.len() > head_len => {
+                    BackendError::Failed { detail }
+                }
+                other => other,
+            })?,
         };
         let replayable = !streamed && is_idempotent(req);
         match self.exchange(conn, &request, req, body, streamed) {
