@@ -96,8 +96,15 @@ impl Handshake {
     /// unknown and the body ends when the backend closes.
     pub fn into_body(self, head_request: bool) -> (Option<u64>, Box<dyn Read + Send>) {
         let no_body = head_request || matches!(self.status, 100..=199 | 204 | 304);
-        let chunked = last_coding_is_chunked(&self.headers);
-        let length = header(&self.headers, "content-length").and_then(parse_content_length);
+        let has_te = header(&self.headers, "transfer-encoding").is_some();
+        let chunked = has_te && last_coding_is_chunked(&self.headers);
+        // RFC 9112 §6.3: with a Transfer-Encoding, a Content-Length says
+        // nothing; without chunked last, the body ends with the connection.
+        let length = if has_te {
+            None
+        } else {
+            header(&self.headers, "content-length").and_then(parse_content_length)
+        };
         let conn = self.conn;
         let _ = conn.get_ref().set_read_timeout(Some(self.body_timeout));
         if no_body {
