@@ -9,6 +9,7 @@
 //! same code as the server side's (`http1::BodyReader`). Redirects are never
 //! followed and bodies never decoded. Every wait is bounded by a timeout.
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
@@ -58,7 +59,7 @@ pub struct BackendRequest<'a> {
     pub path_and_query: &'a str,
     /// End-to-end headers only, `Host` included; framing headers are set
     /// from `framing`.
-    pub headers: &'a [(String, String)],
+    pub headers: &'a [(&'a str, Cow<'a, str>)],
     pub framing: BodyFraming,
 }
 
@@ -312,9 +313,10 @@ fn is_idempotent(req: &BackendRequest<'_>) -> bool {
     matches!(
         req.method,
         "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-    ) || header_values(req.headers, "idempotency-key")
-        .next()
-        .is_some()
+    ) || req
+        .headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("idempotency-key"))
 }
 
 /// Builds the framing of the answer and the reader of its body, which puts

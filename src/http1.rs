@@ -737,11 +737,11 @@ pub struct Written {
 }
 
 /// Appends `name: value` lines, values as the bytes they stand for.
-pub fn push_fields(head: &mut Vec<u8>, headers: &[(String, String)]) {
+pub fn push_fields<N: AsRef<str>, V: AsRef<str>>(head: &mut Vec<u8>, headers: &[(N, V)]) {
     for (name, value) in headers {
-        head.extend_from_slice(name.as_bytes());
+        head.extend_from_slice(name.as_ref().as_bytes());
         head.extend_from_slice(b": ");
-        head.extend_from_slice(&field_to_bytes(value));
+        head.extend_from_slice(&field_to_bytes(value.as_ref()));
         head.extend_from_slice(b"\r\n");
     }
 }

@@ -12,6 +12,7 @@
 //! backend twice, and only while the domain's retry budget allows.
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::io::{Cursor, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -201,7 +202,7 @@ impl Proxy {
             read: 0,
         };
         let result = self.attempt(&routed.host, |backend| {
-            let path = format!("{}{}", backend.base_path, routed.path_and_query);
+            let path = backend_target(&backend.base_path, &routed.path_and_query);
             let out = BackendRequest {
                 method: &req.method,
                 authority: &backend.authority,
@@ -247,9 +248,9 @@ impl Proxy {
     pub fn upgrade(&self, req: &IncomingRequest) -> Result<Upgraded, Box<Outcome>> {
         let routed = self.route(req)?;
         let mut headers = forward_headers(req, routed.raw_host, &self.settings.trusted_proxies);
-        headers.push(("Connection".into(), "Upgrade".into()));
+        headers.push(("Connection", Cow::Borrowed("Upgrade")));
         for value in header_values(&req.headers, "upgrade") {
-            headers.push(("Upgrade".into(), value.to_string()));
+            headers.push(("Upgrade", Cow::Borrowed(value)));
         }
         let asked: Vec<String> = header_values(&req.headers, "upgrade")
             .flat_map(|v| v.split(','))
@@ -257,7 +258,7 @@ impl Proxy {
             .filter(|p| !p.is_empty())
             .collect();
         let (handshake, upstream) = self.attempt(&routed.host, |backend| {
-            let path = format!("{}{}", backend.base_path, routed.path_and_query);
+            let path = backend_target(&backend.base_path, &routed.path_and_query);
             let head = tunnel::request_head(&req.method, &path, &headers);
             let answer = tunnel::handshake(&backend.authority, &head, self.settings.handshake)?;
             // RFC 9110 §15.2.2: a 101 names the protocol switched to, one
@@ -470,6 +471,16 @@ pub fn switching_headers(headers: &[(String, String)]) -> Vec<(String, String)> 
     out
 }
 
+/// The target sent to a backend: its URL's path as a prefix (most backends
+/// have none, and then nothing is allocated).
+fn backend_target<'a>(base_path: &str, path_and_query: &'a str) -> Cow<'a, str> {
+    if base_path.is_empty() {
+        Cow::Borrowed(path_and_query)
+    } else {
+        Cow::Owned(format!("{base_path}{path_and_query}"))
+    }
+}
+
 /// The request-target split into what routing and forwarding need.
 #[derive(Debug, PartialEq)]
 struct RequestTarget<'a> {
@@ -533,11 +544,13 @@ fn is_hop_by_hop(name: &str, connection_tokens: &[&str]) -> bool {
 /// kept. From any other peer they are all dropped and replaced by the
 /// router's own `X-Forwarded-For`/`-Proto`/`-Host`, so a backend never
 /// mistakes a client's say-so for an address.
-pub fn forward_headers(
-    req: &IncomingRequest,
-    raw_host: &str,
+///
+/// Borrowed from the request: only `X-Forwarded-For` is a new string.
+pub fn forward_headers<'r>(
+    req: &'r IncomingRequest,
+    raw_host: &'r str,
     trusted: &[Cidr],
-) -> Vec<(String, String)> {
+) -> Vec<(&'r str, Cow<'r, str>)> {
     let peer_trusted = req
         .peer
         .is_some_and(|p| trusted.iter().any(|c| c.contains(p.ip())));
@@ -570,28 +583,31 @@ pub fn forward_headers(
             has_proto |= name.eq_ignore_ascii_case("x-forwarded-proto");
             has_host |= name.eq_ignore_ascii_case("x-forwarded-host");
         }
-        out.push((name.clone(), value.clone()));
+        out.push((name.as_str(), Cow::Borrowed(value.as_str())));
     }
-    out.push(("Host".into(), raw_host.to_string()));
-    let mut xff = forwarded_for
-        .into_iter()
-        .filter(|v| !v.is_empty())
-        .collect::<Vec<_>>()
-        .join(", ");
+    out.push(("Host", Cow::Borrowed(raw_host)));
+    let mut xff = String::new();
+    for hop in forwarded_for.into_iter().filter(|v| !v.is_empty()) {
+        if !xff.is_empty() {
+            xff.push_str(", ");
+        }
+        xff.push_str(hop);
+    }
     if let Some(peer) = req.peer {
         if !xff.is_empty() {
             xff.push_str(", ");
         }
-        xff.push_str(&peer.ip().to_canonical().to_string());
+        // Writing to a String cannot fail.
+        let _ = write!(xff, "{}", peer.ip().to_canonical());
     }
     if !xff.is_empty() {
-        out.push(("X-Forwarded-For".into(), xff));
+        out.push(("X-Forwarded-For", Cow::Owned(xff)));
     }
     if !has_proto {
-        out.push(("X-Forwarded-Proto".into(), "http".into()));
+        out.push(("X-Forwarded-Proto", Cow::Borrowed("http")));
     }
     if !has_host {
-        out.push(("X-Forwarded-Host".into(), raw_host.to_string()));
+        out.push(("X-Forwarded-Host", Cow::Borrowed(raw_host)));
     }
     out
 }
@@ -678,10 +694,10 @@ mod tests {
         }
     }
 
-    fn names(headers: &[(String, String)]) -> Vec<String> {
+    fn names<N: AsRef<str>, V>(headers: &[(N, V)]) -> Vec<String> {
         headers
             .iter()
-            .map(|(n, _)| n.to_ascii_lowercase())
+            .map(|(n, _)| n.as_ref().to_ascii_lowercase())
             .collect()
     }
 
@@ -723,10 +739,10 @@ mod tests {
         assert_eq!(names(&back), ["set-cookie", "set-cookie"]);
     }
 
-    fn get(out: &[(String, String)], n: &str) -> Vec<String> {
+    fn get(out: &[(&str, Cow<'_, str>)], n: &str) -> Vec<String> {
         out.iter()
             .filter(|(k, _)| k.eq_ignore_ascii_case(n))
-            .map(|(_, v)| v.clone())
+            .map(|(_, v)| v.to_string())
             .collect()
     }
 

@@ -7,6 +7,7 @@
 //! upgrade connection is used once. It knows nothing of routing or header
 //! rules (`proxy` decides what is sent).
 
+use std::borrow::Cow;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
@@ -270,7 +271,7 @@ fn pump(
 }
 
 /// The request head to send for an upgrade, from already filtered headers.
-pub fn request_head(method: &str, target: &str, headers: &[(String, String)]) -> Vec<u8> {
+pub fn request_head(method: &str, target: &str, headers: &[(&str, Cow<'_, str>)]) -> Vec<u8> {
     let mut head = Vec::with_capacity(512);
     head.extend_from_slice(method.as_bytes());
     head.push(b' ');

@@ -465,3 +465,20 @@ fn an_answer_sent_before_the_upload_ended_reaches_the_client() {
     assert!(got.starts_with("HTTP/1.1 413 "), "{got:.200}");
     assert!(got.ends_with("too large"), "{got:.200}");
 }
+
+/// A backend URL with a path: the path is a prefix of every target.
+#[test]
+fn a_backend_path_prefixes_the_target() {
+    let backend = ScriptedBackend::start(ok);
+    let router = InProcessRouter::start(&[(HOST, &format!("{}/api", backend.url()))]);
+    exchange(
+        &router,
+        b"GET /x?y=1 HTTP/1.1\r\nHost: edge.example\r\n\r\n",
+        1,
+    );
+    let seen = backend.received();
+    assert!(
+        seen[0].head.starts_with("GET /api/x?y=1 HTTP/1.1\r\n"),
+        "{seen:?}"
+    );
+}
