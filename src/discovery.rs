@@ -4,8 +4,8 @@
 //! Contract: keys `<etcdkey>/<domain>/<route-name>` hold a backend URL.
 //! Everything else under `<etcdkey>` is skipped with a `route.error` event;
 //! segments starting with `_` are etcd's hidden keys and are ignored
-//! silently (a live watch never shows them but a history replay does, trap 9,
-//! so honouring them would make routes flicker).
+//! silently (a live watch never shows them but a history replay does, so
+//! honouring them would make routes flicker).
 //!
 //! The loop: snapshot, then long-poll from the snapshot's index, applying
 //! each change and publishing a whole new [`RouteTable`]. On any error the

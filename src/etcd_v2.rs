@@ -3,8 +3,7 @@
 //! Owns the wire protocol only (URLs, status codes, `X-Etcd-Index`, JSON
 //! shapes) and turns every answer into a typed result; what to do with it is
 //! `discovery`'s business. The behaviour relied on here was measured on etcd
-//! 3.4 (see `shared/reference/etcd-http-api.md`); the trap numbers cited
-//! below are from that document.
+//! 3.4, and each piece of it is described where the code depends on it.
 
 use std::fmt;
 use std::io::Read;
@@ -13,8 +12,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 /// A wait that receives no byte for this long is re-issued: etcd sends
-/// nothing at all on an idle wait (trap 4), and a frozen member accepts
-/// connections but never answers (trap 19).
+/// nothing at all on an idle wait, and a frozen member accepts
+/// connections but never answers.
 pub const WATCH_IDLE_TIMEOUT_SECS: u64 = 60;
 /// A snapshot must arrive within this; a member without quorum answers a
 /// `quorum=true` read with a 500 after about 7 s.
@@ -52,7 +51,7 @@ pub enum Change {
     /// A directory created (mkdir): nothing to route yet.
     DirCreated { key: String },
     /// delete/expire/compareAndDelete of a key, or of a directory with
-    /// everything under it (one event, no children listed: trap 6).
+    /// everything under it (one event, no children listed).
     Remove {
         key: String,
         dir: bool,
@@ -65,7 +64,7 @@ pub enum Change {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     pub change: Change,
-    /// The next wait starts at this + 1 (trap 1, trap 2).
+    /// The next wait starts at this + 1.
     pub modified_index: WatchIndex,
 }
 
@@ -80,12 +79,12 @@ pub enum WaitOutcome {
         etcd_index: Option<WatchIndex>,
     },
     /// errorCode 401, sent as HTTP 400: the events since `waitIndex` are gone
-    /// (trap 3). Only a new snapshot is safe.
+    /// and only a new snapshot is safe.
     HistoryCleared {
         detail: String,
     },
     /// etcd's index is behind what we have seen: its data was wiped and it
-    /// started again (trap 12). Only a new snapshot is safe.
+    /// started again. Only a new snapshot is safe.
     StoreReset {
         etcd_index: WatchIndex,
         wait_index: WatchIndex,
@@ -98,7 +97,7 @@ pub enum EtcdError {
         endpoint: String,
         detail: String,
     },
-    /// 404 without `X-Etcd-Index`: etcd answers, but not the v2 API (trap 11).
+    /// 404 without `X-Etcd-Index`: etcd answers, but not the v2 API.
     V2Disabled {
         endpoint: String,
     },
@@ -215,7 +214,7 @@ impl EtcdV2 {
     }
 
     /// `GET <dir>?recursive=true&quorum=true`. `quorum=true` keeps a member
-    /// that lost its cluster from handing out stale routes (trap 18).
+    /// that lost its cluster from handing out stale routes.
     pub fn snapshot(&self) -> Result<Snapshot, EtcdError> {
         let endpoint = self.endpoint().to_string();
         let url = format!("{endpoint}{}?recursive=true&quorum=true", self.keys_path);
@@ -224,7 +223,7 @@ impl EtcdV2 {
         match answer.status {
             200 => {}
             // 404 without X-Etcd-Index: not etcd's v2 "key not found" but a
-            // server without the v2 API (trap 11).
+            // server without the v2 API.
             404 if index.is_none() => return Err(EtcdError::V2Disabled { endpoint }),
             404 => {
                 let body = answer.json()?;
@@ -411,7 +410,7 @@ fn is_timeout(e: &std::io::Error) -> bool {
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters: etcd
-/// decodes `%2F` into a real `/` and keeps `+` as is (trap 10), so a
+/// decodes `%2F` into a real `/` and keeps `+` as is, so a
 /// segment must go out with nothing left to interpretation.
 fn percent_encode_segment(segment: &str, out: &mut String) {
     for b in segment.bytes() {
@@ -439,7 +438,7 @@ fn collect_leaves(node: &Value, out: &mut Vec<Leaf>) {
     }
 }
 
-/// Turns one watch answer into a [`Change`] (trap 7: `prevNode` is often
+/// Turns one watch answer into a [`Change`] (`prevNode` is often
 /// absent and removals carry no value; neither is needed here).
 pub fn parse_event(body: &Value) -> Result<Event, String> {
     let action = body["action"]
