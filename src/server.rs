@@ -500,18 +500,25 @@ fn answer_bad_head(
         HeadError::Closed | HeadError::Idle | HeadError::Broken => return,
     };
     let started = Instant::now();
-    let text = format!("{status} {why}\n");
+    // The same answer as every refusal of the router's own; no request to
+    // log beyond it.
+    let ProxyResponse {
+        status,
+        headers,
+        length,
+        mut body,
+    } = crate::proxy::refuse_unreadable(status, &why, "").response;
     let written = http1::write_response(
         writer,
         &ResponseHead {
             status,
-            headers: &[("Content-Type".into(), "text/plain; charset=utf-8".into())],
-            length: Some(text.len() as u64),
+            headers: &headers,
+            length,
             head_only: false,
             version: HttpVersion::Http11,
             keep_alive: false,
         },
-        &mut text.as_bytes(),
+        &mut *body,
         &mut Vec::new(),
     );
     shared.log.request(RequestRecord {
