@@ -251,3 +251,45 @@ fn empty_lines_do_not_keep_a_connection_open() {
     assert!(closed, "empty lines kept the connection open");
     assert_eq!(router.get(HOST, "/").status, 200);
 }
+
+/// Five hundred uploads in progress (their heads sent, their bodies
+/// trickling, their backend holding on) take no turn from a normal request
+/// to another domain.
+#[test]
+fn slow_uploads_do_not_stop_a_normal_request() {
+    raise_fd_limit();
+    let (etcd, _b, router) = setup(&[]);
+    // A backend that takes uploads and never reads or answers them.
+    let sink = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sink_addr = sink.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in sink.incoming() {
+            held.push(conn);
+        }
+    });
+    etcd.put(
+        &format!("{D}/uploads.example.com/r"),
+        &format!("http://{sink_addr}"),
+    );
+    common::eventually("the upload route", || {
+        router
+            .events_named("route.add")
+            .iter()
+            .any(|e| e["domain"] == "uploads.example.com")
+            .then_some(())
+    });
+    let uploads: Vec<TcpStream> = (0..500)
+        .map(|_| {
+            let mut conn = TcpStream::connect(router.addr()).unwrap();
+            conn.write_all(
+                b"POST /up HTTP/1.1\r\nHost: uploads.example.com\r\nContent-Length: 1000000\r\n\r\nfirst bytes",
+            )
+            .unwrap();
+            conn
+        })
+        .collect();
+    assert_eq!(router.get(HOST, "/").status, 200);
+    drop(uploads);
+    assert_eq!(router.get(HOST, "/").status, 200);
+}
