@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::http1::{
     BodyFraming, BodyReader, connection_tokens, field_from_bytes, header_values, is_timeout,
-    last_coding_is_chunked, parse_content_length,
+    last_coding_is_chunked, parse_content_length, set_read_timeout,
 };
 
 /// Idle pooled connections older than this are not reused: many servers
@@ -34,7 +34,7 @@ const POOL_IDLE_MAX_TOTAL: usize = 1024;
 /// expired ones (see `PoolState::sweep`).
 const POOL_SWEEP_EVERY_PUTS: usize = 1024;
 /// A backend's response head is bounded like a client's request head.
-pub const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
+const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
 const MAX_RESPONSE_HEADERS: usize = 100;
 /// The read buffer of a backend connection while it carries an answer.
 const RESPONSE_BUFFER_BYTES: usize = 16 * 1024;
@@ -637,19 +637,6 @@ impl Conn {
         };
         n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
     }
-}
-
-/// Sets a socket's read timeout when it differs from the one in force.
-pub fn set_read_timeout(
-    stream: &TcpStream,
-    current: &mut Option<Duration>,
-    want: Duration,
-) -> io::Result<()> {
-    if *current != Some(want) {
-        stream.set_read_timeout(Some(want))?;
-        *current = Some(want);
-    }
-    Ok(())
 }
 
 /// Resolves and connects, trying each address in turn.

@@ -12,6 +12,7 @@
 //! chunk) so the client can tell.
 
 use std::io::{self, BufRead, Read, Write};
+use std::time::Duration;
 
 /// Header values travel through the router as Latin-1 strings: each byte
 /// of the value is one `char` (U+0000–U+00FF). RFC 9110 §5.5 allows bytes
@@ -198,6 +199,20 @@ pub fn is_timeout(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     )
+}
+
+/// Sets a socket's read timeout when it differs from `current`, the one in
+/// force: most requests on a kept connection then cost no `setsockopt`.
+pub fn set_read_timeout(
+    stream: &std::net::TcpStream,
+    current: &mut Option<Duration>,
+    want: Duration,
+) -> io::Result<()> {
+    if *current != Some(want) {
+        stream.set_read_timeout(Some(want))?;
+        *current = Some(want);
+    }
+    Ok(())
 }
 
 /// Reads one request head. `before_each_read` is called before every socket

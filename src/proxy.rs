@@ -189,9 +189,9 @@ impl Proxy {
             Ok(r) => r,
             Err(refused) => return *refused,
         };
-        // A body on HEAD has no meaning (RFC 9110 §9.3.2), the backend edge
-        // cannot send one, and a backend that reads none would take it for
-        // the next request: nothing can forward it faithfully.
+        // A body on HEAD has no meaning (RFC 9110 §9.3.2), and a backend
+        // that reads none would take it for the next request: nothing can
+        // forward it faithfully.
         if req.method == "HEAD" && req.framing != BodyFraming::None {
             return refuse_unreadable(400, "HEAD request with a body", &routed.host);
         }

@@ -363,8 +363,8 @@ impl Drop for BusyGuard<'_> {
     }
 }
 
-/// The socket's read timeout, set only when it changes: most requests on a
-/// keep-alive connection then cost no `setsockopt` at all.
+/// The socket's read timeout, set only when it changes (see
+/// [`http1::set_read_timeout`]).
 struct ReadTimeout<'a> {
     sock: &'a TcpStream,
     current: Option<Duration>,
@@ -372,11 +372,7 @@ struct ReadTimeout<'a> {
 
 impl ReadTimeout<'_> {
     fn set(&mut self, t: Duration) -> io::Result<()> {
-        if self.current != Some(t) {
-            self.sock.set_read_timeout(Some(t))?;
-            self.current = Some(t);
-        }
-        Ok(())
+        http1::set_read_timeout(self.sock, &mut self.current, t)
     }
 }
 
@@ -635,7 +631,6 @@ fn serve_request(
     let unreadable = outcome.close || framing.is_err();
     let keep_alive = !wants_close
         && !unreadable
-        && framing.is_ok()
         && body_complete
         && body_error.is_none()
         && !shared.stop.load(Ordering::SeqCst);
