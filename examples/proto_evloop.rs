@@ -228,8 +228,9 @@ impl Loop {
         });
         if !routed {
             c.inbuf.drain(..used);
-            c.out
-                .extend_from_slice(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n");
+            c.out.extend_from_slice(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n",
+            );
             if self.flush_client(t).is_err() {
                 self.close_client(t);
             }
@@ -342,7 +343,8 @@ impl Loop {
             c.out
                 .extend_from_slice(resp.code.unwrap_or(502).to_string().as_bytes());
             c.out.push(b' ');
-            c.out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+            c.out
+                .extend_from_slice(resp.reason.unwrap_or("").as_bytes());
             c.out.extend_from_slice(b"\r\n");
             for h in resp.headers.iter() {
                 if h.name.eq_ignore_ascii_case("connection")
@@ -368,7 +370,9 @@ impl Loop {
             conn.head_done = true;
             conn.body_left = length;
             let body = conn.head.split_off(used);
-            let take = body.len().min(usize::try_from(length).unwrap_or(usize::MAX));
+            let take = body
+                .len()
+                .min(usize::try_from(length).unwrap_or(usize::MAX));
             c.out.extend_from_slice(&body[..take]);
             conn.body_left -= take as u64;
             data = &[];

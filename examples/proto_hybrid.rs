@@ -230,9 +230,10 @@ fn proxy_one(shared: &Shared, c: &mut Client) -> io::Result<()> {
         Ok(httparse::Status::Complete(n)) => n,
         _ => return Err(io::ErrorKind::InvalidData.into()),
     };
-    let routed = req.headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("host") && h.value.starts_with(b"bench.example.com")
-    });
+    let routed = req
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("host") && h.value.starts_with(b"bench.example.com"));
     if !routed {
         c.inbuf.drain(..used);
         return write_all(
@@ -318,7 +319,10 @@ fn proxy_one(shared: &Shared, c: &mut Client) -> io::Result<()> {
     };
     // Head and the first of the body in one write.
     let mut left = length;
-    let first = be.buffer().len().min(usize::try_from(left).unwrap_or(usize::MAX));
+    let first = be
+        .buffer()
+        .len()
+        .min(usize::try_from(left).unwrap_or(usize::MAX));
     head.extend_from_slice(&be.buffer()[..first]);
     be.consume(first);
     left -= first as u64;

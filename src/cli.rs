@@ -21,8 +21,13 @@ pub const DEFAULT_ETCD_KEY: &str = "/domains";
 /// Open client connections, each served by its own thread (an idle one
 /// costs about 40 KiB); at the cap a new connection takes the place of an
 /// idle keep-alive one, or waits in the listen backlog.
-pub const DEFAULT_WORKERS: usize = 4096;
+/// Workers serving ordinary requests at once: a few per core keep the
+/// cores busy while some wait on backends (README, "Workers and
+/// connections").
+pub const DEFAULT_WORKERS: usize = 32;
 pub const MAX_WORKERS: usize = 65_536;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+pub const MAX_MAX_CONNECTIONS: usize = 1_048_576;
 pub const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 3;
 pub const DEFAULT_RESPONSE_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_BODY_TIMEOUT_SECS: u64 = 60;
@@ -45,7 +50,9 @@ Flags (single dash works too: -etcdurl URL; so does --flag=value):
   --etcdkey KEY             etcd directory holding <domain>/<route-name> = backend URL (default /domains)
   --logfile PATH            append JSON log lines to PATH (created 0600) instead of stdout
   --logurl URL              POST batches of JSON log lines to URL instead of stdout
-  --workers N               open client connections at most, a thread each (default 4096)
+  --max-connections N       open client connections at most; idle ones cost no thread (default 16384)
+  --workers N               threads serving ordinary requests at once; one held by a slow
+                            request (over 100 ms) is replaced while others wait (default 32)
   --trusted-proxies CIDR[,CIDR...]
                             peers whose X-Forwarded-For/-Proto/-Host are kept (default: none)
 
@@ -87,6 +94,7 @@ pub struct Config {
     pub etcd_key: String,
     pub log_file: Option<PathBuf>,
     pub log_url: Option<String>,
+    pub max_connections: usize,
     pub workers: usize,
     pub timeouts: Timeouts,
     pub eject: EjectPolicy,
@@ -121,6 +129,7 @@ const FLAGS: &[&str] = &[
     "etcdkey",
     "logfile",
     "logurl",
+    "max-connections",
     "workers",
     "connect-timeout",
     "response-timeout",
@@ -165,6 +174,7 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Command, UsageError> {
     let etcd_key = string_flag(&mut args, "--etcdkey")?;
     let log_file = string_flag(&mut args, "--logfile")?;
     let log_url = string_flag(&mut args, "--logurl")?;
+    let max_connections = string_flag(&mut args, "--max-connections")?;
     let workers = string_flag(&mut args, "--workers")?;
     let mut secs = |flag: &'static str, default: u64| -> Result<Duration, UsageError> {
         parse_secs(flag, string_flag(&mut args, flag)?, default)
@@ -210,17 +220,13 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Command, UsageError> {
         log_url: log_url
             .map(|u| parse_http_url("--logurl", &u).map(|_| u))
             .transpose()?,
-        workers: match workers {
-            None => DEFAULT_WORKERS,
-            Some(w) => match w.parse::<usize>() {
-                Ok(n) if (1..=MAX_WORKERS).contains(&n) => n,
-                _ => {
-                    return Err(UsageError(format!(
-                        "--workers '{w}': expected a whole number from 1 to {MAX_WORKERS}"
-                    )));
-                }
-            },
-        },
+        max_connections: parse_count(
+            "--max-connections",
+            max_connections,
+            DEFAULT_MAX_CONNECTIONS,
+            MAX_MAX_CONNECTIONS,
+        )?,
+        workers: parse_count("--workers", workers, DEFAULT_WORKERS, MAX_WORKERS)?,
         timeouts,
         eject: EjectPolicy {
             after: match eject_after {
@@ -264,6 +270,23 @@ fn string_flag(
             }
             other => UsageError(format!("{flag}: {other}")),
         })
+}
+
+fn parse_count(
+    flag: &str,
+    value: Option<String>,
+    default: usize,
+    max: usize,
+) -> Result<usize, UsageError> {
+    match value {
+        None => Ok(default),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(UsageError(format!(
+                "{flag} '{v}': expected a whole number from 1 to {max}"
+            ))),
+        },
+    }
 }
 
 fn parse_secs(flag: &str, value: Option<String>, default: u64) -> Result<Duration, UsageError> {

@@ -319,6 +319,63 @@ fn find_head_end(buf: &[u8], from: usize) -> Result<Option<usize>, HeadError> {
     Ok(None)
 }
 
+/// Watches a request head arrive in pieces without reading it: says when
+/// [`read_head`] over the bytes so far would finish without waiting for
+/// more (a whole head, or one already refused). The poller uses it to hand
+/// a connection to a worker only when the worker will not block on the
+/// client. Incremental: each byte is looked at once, so a head dripping in
+/// a byte at a time costs no more than one that comes whole.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HeadScan {
+    /// Bytes of empty lines (CRLF) before the request line.
+    skipped: usize,
+    /// The last byte skipped was a CR.
+    after_cr: bool,
+    /// Bytes of the head proper looked at so far.
+    scanned: usize,
+    /// Where the request line ends, once seen.
+    line_end: Option<usize>,
+}
+
+impl HeadScan {
+    /// True when `buf` (everything received since the scan started) holds
+    /// a whole head, a malformed one, or more than the limits allow.
+    pub fn ready(&mut self, buf: &[u8]) -> bool {
+        if self.scanned == 0 {
+            for &b in &buf[self.skipped..] {
+                match (self.after_cr, b) {
+                    (false, b'\r') => self.after_cr = true,
+                    (true, b'\n') => self.after_cr = false,
+                    (false, b'\n') | (true, _) => return true,
+                    (false, _) => break,
+                }
+                self.skipped += 1;
+            }
+            if self.skipped > MAX_HEAD_BYTES {
+                return true;
+            }
+        }
+        let head = &buf[self.skipped..];
+        if head.is_empty() {
+            return false;
+        }
+        let from = self.scanned;
+        self.scanned = head.len();
+        if self.line_end.is_none() {
+            self.line_end = head[from..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map(|i| i + from);
+        }
+        if self.line_end.unwrap_or(head.len()) > MAX_REQUEST_LINE_BYTES
+            || head.len() > MAX_HEAD_BYTES
+        {
+            return true;
+        }
+        !matches!(find_head_end(head, from), Ok(None))
+    }
+}
+
 fn bare_line_end() -> HeadError {
     HeadError::Malformed("bare CR or LF in the request head: lines must end in CRLF".into())
 }

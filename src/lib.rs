@@ -11,13 +11,16 @@
 pub mod backend;
 pub mod cidr;
 pub mod cli;
+pub mod client;
 pub mod discovery;
 pub mod etcd_v2;
 pub mod health;
 pub mod http1;
 pub mod httpurl;
 pub mod log;
+pub mod poller;
 pub mod proxy;
 pub mod routes;
 pub mod server;
 pub mod tunnel;
+pub mod workers;

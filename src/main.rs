@@ -72,7 +72,7 @@ fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Resul
     let fd_limit = raise_fd_limit();
     let table = Arc::new(routes::SharedTable::default());
     let t = config.timeouts;
-    let client = backend::BackendClient::new(t.connect, t.response, t.body, config.workers);
+    let client = backend::BackendClient::new(t.connect, t.response, t.body, config.max_connections);
     let settings = proxy::ProxySettings {
         eject: config.eject,
         trusted_proxies: config.trusted_proxies.clone(),
@@ -89,7 +89,8 @@ fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Resul
         logger.clone(),
     ));
     let server_settings = server::ServerSettings {
-        max_connections: config.workers,
+        max_connections: config.max_connections,
+        workers: config.workers,
         header_timeout: t.header,
         keepalive_timeout: t.keepalive,
         client_timeout: t.client,
@@ -112,6 +113,7 @@ fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Resul
             "listen": config.listen.to_string(),
             "etcd_urls": config.etcd_urls,
             "etcd_key": config.etcd_key,
+            "max_connections": config.max_connections,
             "workers": config.workers,
             "trusted_proxies": config.trusted_proxies.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "eject_after": config.eject.after,
@@ -120,14 +122,16 @@ fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Resul
         }),
     );
     // Each connection needs a descriptor, and one to its backend.
-    let needed = (config.workers as u64).saturating_mul(2).saturating_add(64);
+    let needed = (config.max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(64);
     if fd_limit.is_some_and(|limit| limit < needed) {
         logger.event(
             "service.warning",
             json!({
-                "message": "the open-file limit is below what --workers needs: connections past it are refused by accept (raise LimitNOFILE or lower --workers)",
+                "message": "the open-file limit is below what --max-connections needs: connections past it wait in the listen backlog (raise LimitNOFILE or lower --max-connections)",
                 "fd_limit": fd_limit,
-                "workers": config.workers,
+                "max_connections": config.max_connections,
                 "needed": needed,
             }),
         );
@@ -165,7 +169,7 @@ fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Resul
 }
 
 /// Raises the soft limit on open files to the hard limit, as Go programs
-/// do: the soft default (often 1024) is far below what `--workers`
+/// do: the soft default (often 1024) is far below what `--max-connections`
 /// connections need, while the hard limit is what the operator allows.
 /// Returns the limit in force.
 fn raise_fd_limit() -> Option<u64> {

@@ -1,43 +1,36 @@
-//! The server front: accepts connections, serves each on its own thread
-//! (up to a cap), keeps them alive between requests, and stops gracefully.
+//! The server front: serves client connections with a pool of workers
+//! and stops gracefully.
 //!
-//! Owns sockets, timeouts and the connection lifecycle; the wire format is
-//! `http1`, the request logic `proxy`, upgraded connections `tunnel`. At
-//! the connection cap a new connection takes the place of an idle
-//! keep-alive one (closed, as its keep-alive timeout would have); when none
-//! is idle the acceptor stops accepting, so new connections wait in the
-//! kernel's listen backlog instead of costing a thread each. A panic while
-//! serving a request costs that connection, never the process.
+//! A connection lives with the [`poller`](crate::poller) while it waits
+//! for a request (idle, or its head still arriving) and with a
+//! [`worker`](crate::workers) while a request is served: a worker gets a
+//! connection whose head it can read without waiting, serves that request
+//! (and any pipelined after it) with blocking I/O and timeouts, and hands
+//! the connection back. Owns the request lifecycle on a connection; the
+//! wire format is `http1`, the request logic `proxy`, upgraded
+//! connections `tunnel`. A panic while serving a request costs that
+//! connection, never the process.
 
-use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, BufWriter};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, AsRawFd};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
-use crate::health::now_ms;
+use crate::client::{ClientBuffers, ClientReader, ClientSocket, ClientWriter};
 use crate::http1::{
-    self, BodyFraming, HeadError, HttpVersion, ResponseHead, connection_tokens, header,
+    self, BodyFraming, HeadError, HeadScan, HttpVersion, ResponseHead, connection_tokens, header,
     header_values,
 };
 use crate::log::{Logger, RequestRecord};
+use crate::poller::{Back, Dispatch, Handback, Job, Parked, Poller, PollerLimits};
 use crate::proxy::{IncomingRequest, Outcome, Proxy, ProxyResponse};
 use crate::tunnel;
+use crate::workers::Pool;
 
-/// Connection threads do little on the stack; the buffers live on the heap.
-const CONNECTION_STACK_BYTES: usize = 256 * 1024;
-const READ_BUFFER_BYTES: usize = 16 * 1024;
-const WRITE_BUFFER_BYTES: usize = 16 * 1024;
-/// How long the acceptor waits for a free slot before looking at the stop
-/// flag again (and closing another idle connection, if one appeared).
-const SLOT_POLL_MILLIS: u64 = 250;
-/// `server.saturated` is logged at most this often.
-const SATURATION_LOG_EVERY_MILLIS: u64 = 10_000;
 /// Closing a socket with unread input makes the kernel send a reset, which
 /// can destroy the answer before the client reads it; so after answering a
 /// request whose body was not read, input is read and dropped for a while
@@ -48,8 +41,12 @@ const LINGER_MAX_BYTES: u64 = 256 * 1024;
 /// Limits and timeouts of the client side.
 #[derive(Debug, Clone, Copy)]
 pub struct ServerSettings {
-    /// Open connections at most (one thread each).
+    /// Open connections at most; idle ones cost no thread.
     pub max_connections: usize,
+    /// Workers serving ordinary requests at once (see [`crate::workers`]:
+    /// workers held by slow requests are replaced, up to one per
+    /// connection).
+    pub workers: usize,
     /// A request head must be complete within this of its first byte, and
     /// the first request of a connection within this of the accept: a
     /// silent or dripping connection cannot sit on a slot.
@@ -62,124 +59,53 @@ pub struct ServerSettings {
     pub tunnel_timeout: Duration,
 }
 
-/// Where a connection is in its life, for shutdown and for making room at
-/// the connection cap. A connection that is not `ACTIVE` may be closed by
-/// another thread, which first moves it to `CLOSING`; the connection's own
-/// thread moves to `ACTIVE` with a compare-and-swap, so a request it has
-/// read is never lost to a close it did not see.
-const WAITING_FIRST: u8 = 0;
-/// Between requests with no byte of the next one.
-const KEEPALIVE_IDLE: u8 = 1;
-/// Reading a request or serving it.
-const ACTIVE: u8 = 2;
-/// Carrying an upgraded connection: closed at shutdown (it has no natural
-/// end to wait for).
-const TUNNEL: u8 = 3;
-/// Being closed by another thread.
-const CLOSING: u8 = 4;
-
-/// Shared by the acceptor and every connection thread.
+/// Shared by the workers.
 struct Shared {
     proxy: Arc<Proxy>,
     log: Logger,
     settings: ServerSettings,
-    /// When `server.saturated` was last logged ([`now_ms`]; 0: never).
-    saturation_logged_ms: AtomicU64,
-    stop: AtomicBool,
-    /// Requests being served (head read, answer not yet written).
-    busy: AtomicUsize,
-    /// Open connections, with a condvar to wait for a free slot.
-    open: Mutex<usize>,
-    slot_freed: Condvar,
-    /// Every open connection, so that shutdown can close the idle ones at
-    /// once instead of each polling for it.
-    registry: Mutex<Registry>,
+    stop: Arc<AtomicBool>,
+    /// Connections a worker holds or is about to (dispatched, not yet
+    /// handed back): what shutdown waits for.
+    busy: Arc<AtomicUsize>,
+    handback: Handback,
+    /// To take an upgraded connection off the poller's epoll set.
+    registry: mio::Registry,
 }
 
+/// A worker thread's own buffers, reused from connection to connection.
 #[derive(Default)]
-struct Registry {
-    next_id: u64,
-    conns: HashMap<u64, (Arc<TcpStream>, Arc<AtomicU8>)>,
+struct WorkerBuffers {
+    client: ClientBuffers,
+    copy: Vec<u8>,
+    head: Vec<u8>,
 }
 
-/// Moves `state` from `from` to `CLOSING` and shuts the socket, unless the
-/// connection's thread got there first.
-fn close_if(stream: &TcpStream, state: &AtomicU8, from: u8) -> bool {
-    let won = state
-        .compare_exchange(from, CLOSING, Ordering::SeqCst, Ordering::SeqCst)
-        .is_ok();
-    if won {
-        let _ = stream.shutdown(std::net::Shutdown::Both);
-    }
-    won
+/// The poller's way to the workers.
+struct ToWorkers {
+    pool: Pool<Job, WorkerBuffers>,
+    busy: Arc<AtomicUsize>,
 }
 
-/// A connection's entry in the registry, removed on drop.
-///
-/// The socket is shared by the reader, the writer, the registry and a
-/// tunnel: one descriptor per connection, not one per handle. (Reading
-/// through `&TcpStream` also keeps std's uninitialised-buffer reads: a
-/// wrapper type would make `BufReader` zero its whole buffer, 16 KiB of
-/// memory touched for every idle connection.)
-struct Registered<'a> {
-    shared: &'a Shared,
-    id: u64,
-    state: Arc<AtomicU8>,
-    stream: Arc<TcpStream>,
-}
-
-impl<'a> Registered<'a> {
-    fn new(shared: &'a Shared, stream: &Arc<TcpStream>) -> Registered<'a> {
-        let state = Arc::new(AtomicU8::new(WAITING_FIRST));
-        let mut reg = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
-        let id = reg.next_id;
-        reg.next_id += 1;
-        reg.conns
-            .insert(id, (Arc::clone(stream), Arc::clone(&state)));
-        Registered {
-            shared,
-            id,
-            state,
-            stream: Arc::clone(stream),
-        }
+impl Dispatch for ToWorkers {
+    fn dispatch(&self, job: Job) {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        self.pool.submit(job);
     }
 
-    /// Moves to `to`; false if another thread is closing the connection.
-    fn set(&self, to: u8) -> bool {
-        let mut now = self.state.load(Ordering::SeqCst);
-        loop {
-            if now == to {
-                return true;
-            }
-            if now == CLOSING {
-                return false;
-            }
-            match self
-                .state
-                .compare_exchange(now, to, Ordering::SeqCst, Ordering::SeqCst)
-            {
-                Ok(_) => return true,
-                Err(seen) => now = seen,
-            }
-        }
+    fn check(&self) {
+        self.pool.check();
     }
-}
 
-impl Drop for Registered<'_> {
-    fn drop(&mut self) {
-        let mut reg = self
-            .shared
-            .registry
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        reg.conns.remove(&self.id);
+    fn queued(&self) -> usize {
+        self.pool.queued()
     }
 }
 
 pub struct Server {
     shared: Arc<Shared>,
     local: SocketAddr,
-    acceptor: JoinHandle<()>,
+    poller: JoinHandle<()>,
 }
 
 impl Server {
@@ -194,26 +120,40 @@ impl Server {
         let local = listener
             .local_addr()
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let limits = PollerLimits {
+            max_connections: settings.max_connections,
+            header_timeout: settings.header_timeout,
+            keepalive_timeout: settings.keepalive_timeout,
+        };
+        let (poller, handback, registry) =
+            Poller::new(listener, limits, log.clone(), Arc::clone(&stop))
+                .map_err(|e| format!("cannot start the poller: {e}"))?;
+        let busy = Arc::new(AtomicUsize::new(0));
         let shared = Arc::new(Shared {
             proxy,
             log,
             settings,
-            saturation_logged_ms: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
-            busy: AtomicUsize::new(0),
-            open: Mutex::new(0),
-            slot_freed: Condvar::new(),
-            registry: Mutex::new(Registry::default()),
+            stop,
+            busy: Arc::clone(&busy),
+            handback,
+            registry,
         });
         let s = Arc::clone(&shared);
-        let acceptor = std::thread::Builder::new()
-            .name("accept".into())
-            .spawn(move || accept_loop(listener, s))
-            .map_err(|e| format!("cannot start the accept thread: {e}"))?;
+        let pool = Pool::new(
+            settings.workers,
+            settings.max_connections,
+            move |job, bufs| serve_job(&s, job, bufs),
+        );
+        let dispatch = ToWorkers { pool, busy };
+        let poller = std::thread::Builder::new()
+            .name("poller".into())
+            .spawn(move || poller.run(dispatch))
+            .map_err(|e| format!("cannot start the poller thread: {e}"))?;
         Ok(Server {
             shared,
             local,
-            acceptor,
+            poller,
         })
     }
 
@@ -222,39 +162,15 @@ impl Server {
         self.local
     }
 
-    /// Stops accepting (the listening socket is closed at once), lets the
-    /// requests in flight finish within `grace`, and closes idle
-    /// connections. Returns how many requests were still running when the
-    /// grace period ended.
+    /// Stops accepting (the listening socket is closed at once), closes
+    /// idle connections and tunnels, and lets the requests in flight finish
+    /// within `grace` (their answers say `Connection: close`). Returns how
+    /// many connections were still being served when the grace period
+    /// ended.
     pub fn shutdown(self, grace: Duration) -> usize {
         self.shared.stop.store(true, Ordering::SeqCst);
-        self.shared.slot_freed.notify_all();
-        // Wake the acceptor out of accept(); it then drops the listener.
-        let wake = match self.local {
-            SocketAddr::V4(a) if a.ip().is_unspecified() => {
-                SocketAddr::from(([127, 0, 0, 1], a.port()))
-            }
-            SocketAddr::V6(a) if a.ip().is_unspecified() => {
-                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
-            }
-            other => other,
-        };
-        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
-        let _ = self.acceptor.join();
-        // Connections waiting for a request, and tunnels, are closed now;
-        // the others close after their current answer (which says so).
-        {
-            let reg = self
-                .shared
-                .registry
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            for (stream, state) in reg.conns.values() {
-                for from in [WAITING_FIRST, KEEPALIVE_IDLE, TUNNEL] {
-                    close_if(stream, state, from);
-                }
-            }
-        }
+        self.shared.handback.wake();
+        let _ = self.poller.join();
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline && self.shared.busy.load(Ordering::SeqCst) > 0 {
             std::thread::sleep(Duration::from_millis(20));
@@ -263,98 +179,7 @@ impl Server {
     }
 }
 
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    while !shared.stop.load(Ordering::SeqCst) {
-        let (stream, peer) = match listener.accept() {
-            Ok(conn) => conn,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                if !matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                ) {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                continue;
-            }
-        };
-        // Holding one accepted connection while waiting for a slot costs a
-        // file descriptor; the rest wait in the backlog.
-        if shared.stop.load(Ordering::SeqCst) || !take_slot(&shared) {
-            break;
-        }
-        let s = Arc::clone(&shared);
-        let spawned = std::thread::Builder::new()
-            .name("conn".into())
-            .stack_size(CONNECTION_STACK_BYTES)
-            .spawn(move || {
-                let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    serve_connection(stream, peer, &s)
-                }));
-                release_slot(&s);
-            });
-        if spawned.is_err() {
-            // The stream was moved into the failed closure and is closed.
-            release_slot(&shared);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    // The listener drops here: new connections are refused from now on.
-}
-
-/// Waits for a free connection slot and takes it. At the cap, closes one
-/// idle keep-alive connection to make room (again after each second of
-/// waiting, in case it was not enough). False if the server is stopping.
-fn take_slot(shared: &Shared) -> bool {
-    let mut open = shared.open.lock().unwrap_or_else(|e| e.into_inner());
-    let mut next_eviction = Instant::now();
-    while *open >= shared.settings.max_connections {
-        if shared.stop.load(Ordering::SeqCst) {
-            return false;
-        }
-        if Instant::now() >= next_eviction {
-            let closed_idle = close_one_idle(shared);
-            next_eviction = Instant::now() + Duration::from_secs(1);
-            let now = now_ms();
-            let last = shared.saturation_logged_ms.load(Ordering::Relaxed);
-            if last == 0 || now.saturating_sub(last) >= SATURATION_LOG_EVERY_MILLIS {
-                shared
-                    .saturation_logged_ms
-                    .store(now.max(1), Ordering::Relaxed);
-                shared.log.event(
-                    "server.saturated",
-                    json!({
-                        "max_connections": shared.settings.max_connections,
-                        "closed_idle": closed_idle,
-                    }),
-                );
-            }
-        }
-        open = shared
-            .slot_freed
-            .wait_timeout(open, Duration::from_millis(SLOT_POLL_MILLIS))
-            .map(|(g, _)| g)
-            .unwrap_or_else(|e| e.into_inner().0);
-    }
-    *open += 1;
-    true
-}
-
-/// True if there was an idle connection to close.
-fn close_one_idle(shared: &Shared) -> bool {
-    let reg = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
-    reg.conns
-        .values()
-        .any(|(stream, state)| close_if(stream, state, KEEPALIVE_IDLE))
-}
-
-fn release_slot(shared: &Shared) {
-    let mut open = shared.open.lock().unwrap_or_else(|e| e.into_inner());
-    *open = open.saturating_sub(1);
-    shared.slot_freed.notify_one();
-}
-
-/// Decrements the busy count even if serving the request panics.
+/// Decrements the busy count even if serving panics.
 struct BusyGuard<'a>(&'a AtomicUsize);
 
 impl Drop for BusyGuard<'_> {
@@ -363,128 +188,128 @@ impl Drop for BusyGuard<'_> {
     }
 }
 
-/// The socket's read timeout, set only when it changes (see
-/// [`http1::set_read_timeout`]).
-struct ReadTimeout<'a> {
-    sock: &'a TcpStream,
-    current: Option<Duration>,
-}
-
-impl ReadTimeout<'_> {
-    fn set(&mut self, t: Duration) -> io::Result<()> {
-        http1::set_read_timeout(self.sock, &mut self.current, t)
-    }
-}
-
-fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
-    let accepted = Instant::now();
-    let _ = stream.set_nodelay(true);
-    let settings = shared.settings;
-    let _ = stream.set_write_timeout(Some(settings.client_timeout));
-    let stream = Arc::new(stream);
-    let registered = Registered::new(shared, &stream);
-    let mut timeout = ReadTimeout {
-        sock: &stream,
-        current: None,
-    };
-    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, &*stream);
-    let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, &*stream);
-    let mut copy_buf = Vec::new();
-    let mut head_buf = Vec::with_capacity(1024);
-    let mut first = true;
-
-    loop {
-        // Pipelined bytes already buffered are a request under way, not
-        // an idle connection to close at the cap.
-        if !first && reader.buffer().is_empty() && !registered.set(KEEPALIVE_IDLE) {
-            return;
-        }
-        if shared.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let mut head_deadline: Option<Instant> = None;
-        let head = http1::read_head(&mut reader, &mut head_buf, |started| {
-            if started && !registered.set(ACTIVE) {
-                return Err(io::ErrorKind::ConnectionAborted.into());
-            }
-            if started || first {
-                // All of the head by its deadline (the first request's from
-                // the accept).
-                let deadline = *head_deadline.get_or_insert_with(|| {
-                    let from = if first { accepted } else { Instant::now() };
-                    from + settings.header_timeout
-                });
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(io::ErrorKind::TimedOut.into());
-                }
-                // Rounded up to whole 100 ms, so the cached value mostly
-                // stays put and no setsockopt is made per read.
-                let tenths = left.as_millis().div_ceil(100).max(1);
-                timeout.set(Duration::from_millis(
-                    u64::try_from(tenths * 100).unwrap_or(u64::MAX),
-                ))
-            } else {
-                timeout.set(settings.keepalive_timeout)
-            }
-        });
-        let head = match head {
-            Ok(head) => head,
-            Err(HeadError::Closed | HeadError::Idle | HeadError::Broken) => return,
-            Err(e) => {
-                answer_bad_head(&mut writer, peer, shared, &e);
-                linger_close(&mut reader);
-                return;
-            }
-        };
-        // Closed at the cap or at shutdown while the head came in: the
-        // request was never started, and the client sees a closed
-        // keep-alive connection, which it may retry.
-        if !registered.set(ACTIVE) {
-            return;
-        }
-        first = false;
-        shared.busy.fetch_add(1, Ordering::SeqCst);
+/// A worker's job: serve the connection until it is idle (or closed), then
+/// tell the poller.
+fn serve_job(shared: &Shared, job: Job, bufs: &mut WorkerBuffers) {
+    let token = job.token;
+    let back = {
         let _busy = BusyGuard(&shared.busy);
-        let after = serve_request(
-            head,
-            &mut reader,
-            &mut writer,
-            &mut timeout,
-            &mut copy_buf,
-            peer,
-            shared,
-        );
-        match after {
-            After::KeepAlive => {}
-            After::Close => return,
-            After::Upgrade(request) => {
-                let (incoming, started) = *request;
-                let context = (peer, started);
-                serve_upgrade(
-                    incoming,
-                    &mut reader,
-                    &mut writer,
-                    context,
-                    shared,
-                    &registered,
-                );
-                return;
+        std::panic::catch_unwind(AssertUnwindSafe(|| serve_connection(job, bufs, shared)))
+            .unwrap_or(Back::Closed { token })
+    };
+    // A stopped poller drops the message, and the connection with it.
+    shared.handback.send(back);
+}
+
+/// How one turn on a connection ended.
+enum Turn {
+    /// The next request's head is already buffered whole (pipelining).
+    Next(Vec<u8>),
+    /// Idle, or part of the next head buffered: back to the poller.
+    Park(Vec<u8>),
+    Close,
+}
+
+fn serve_connection(job: Job, bufs: &mut WorkerBuffers, shared: &Shared) -> Back {
+    let Job { token, conn } = job;
+    let Parked {
+        sock,
+        peer,
+        pending,
+        eof,
+        ..
+    } = conn;
+    let sock = ClientSocket::new(sock, shared.settings.client_timeout);
+    let mut pending = pending;
+    loop {
+        let turn = {
+            let (mut reader, mut writer) = bufs.client.attach(&sock, &pending);
+            let conn = Conn { token, peer, eof };
+            serve_turn(
+                &conn,
+                &mut reader,
+                &mut writer,
+                (&mut bufs.copy, &mut bufs.head),
+                shared,
+            )
+        };
+        match turn {
+            Turn::Next(next) => pending = next,
+            Turn::Park(pending) => {
+                return Back::Park {
+                    token,
+                    sock: sock.into_stream(),
+                    peer,
+                    pending,
+                };
             }
-            After::LingerAndClose => {
-                linger_close(&mut reader);
-                return;
+            Turn::Close => {
+                drop(sock);
+                return Back::Closed { token };
             }
         }
     }
 }
 
-fn answer_bad_head(
-    writer: &mut BufWriter<&TcpStream>,
+/// The connection a turn serves.
+struct Conn {
+    token: usize,
     peer: SocketAddr,
+    /// The client ended its side: nothing will tell the poller when to
+    /// read again, so the worker reads on until the end.
+    eof: bool,
+}
+
+/// Reads one request head (whole in the buffer, or the poller would not
+/// have handed the connection over) and serves the request.
+fn serve_turn(
+    conn: &Conn,
+    reader: &mut ClientReader<'_>,
+    writer: &mut ClientWriter<'_>,
+    (copy_buf, head_buf): (&mut Vec<u8>, &mut Vec<u8>),
     shared: &Shared,
-    e: &HeadError,
-) {
+) -> Turn {
+    if shared.stop.load(Ordering::SeqCst) {
+        return Turn::Close;
+    }
+    // A worker never waits for a head: a read that would block means the
+    // head is late (the poller hands over heads past their deadline too),
+    // and is answered as such (408, or nothing if nothing came).
+    reader.socket().set_read_timeout(None);
+    let head = http1::read_head(reader, head_buf, |_| Ok(()));
+    let head = match head {
+        Ok(head) => head,
+        Err(HeadError::Closed | HeadError::Idle | HeadError::Broken) => return Turn::Close,
+        Err(e) => {
+            answer_bad_head(writer, conn.peer, shared, &e);
+            linger_close(reader);
+            return Turn::Close;
+        }
+    };
+    let after = serve_request(head, reader, writer, copy_buf, conn.peer, shared);
+    match after {
+        After::KeepAlive => {
+            let pending = reader.take_pending();
+            if conn.eof || (!pending.is_empty() && HeadScan::default().ready(&pending)) {
+                Turn::Next(pending)
+            } else {
+                Turn::Park(pending)
+            }
+        }
+        After::Close => Turn::Close,
+        After::Upgrade(request) => {
+            let (incoming, started) = *request;
+            serve_upgrade(incoming, reader, writer, (conn, started), shared);
+            Turn::Close
+        }
+        After::LingerAndClose => {
+            linger_close(reader);
+            Turn::Close
+        }
+    }
+}
+
+fn answer_bad_head(writer: &mut impl Write, peer: SocketAddr, shared: &Shared, e: &HeadError) {
     let Some(status) = e.status() else {
         return;
     };
@@ -537,17 +362,18 @@ enum After {
     Upgrade(Box<(IncomingRequest, Instant)>),
 }
 
-fn linger_close(reader: &mut BufReader<&TcpStream>) {
-    let sock = *reader.get_ref();
-    let _ = sock.shutdown(std::net::Shutdown::Write);
+fn linger_close(reader: &mut ClientReader<'_>) {
+    let sock = reader.socket();
+    let _ = sock.stream().shutdown(std::net::Shutdown::Write);
     let deadline = Instant::now() + Duration::from_millis(LINGER_MAX_MILLIS);
     let mut dropped = 0u64;
     let mut buf = [0u8; 8192];
     while dropped < LINGER_MAX_BYTES {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
+        if left.is_zero() {
             return;
         }
+        sock.set_read_timeout(Some(left));
         match std::io::Read::read(reader, &mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => dropped += n as u64,
@@ -558,9 +384,8 @@ fn linger_close(reader: &mut BufReader<&TcpStream>) {
 /// Serves one request whose head has been read.
 fn serve_request(
     head: http1::RequestHead,
-    reader: &mut BufReader<&TcpStream>,
-    writer: &mut BufWriter<&TcpStream>,
-    timeout: &mut ReadTimeout<'_>,
+    reader: &mut ClientReader<'_>,
+    writer: &mut ClientWriter<'_>,
     copy_buf: &mut Vec<u8>,
     peer: SocketAddr,
     shared: &Shared,
@@ -594,7 +419,9 @@ fn serve_request(
         framing: framing.unwrap_or(BodyFraming::None),
     };
     if incoming.framing != BodyFraming::None {
-        let _ = timeout.set(shared.settings.client_timeout);
+        reader
+            .socket()
+            .set_read_timeout(Some(shared.settings.client_timeout));
     }
     if framing.is_ok() && !unmet_expectation && crate::proxy::is_upgrade(&incoming) {
         return After::Upgrade(Box::new((incoming, started)));
@@ -602,7 +429,7 @@ fn serve_request(
 
     // `100 Continue` goes straight to the socket (nothing is buffered in
     // the writer between requests).
-    let mut continue_sock = expects_continue.then(|| *writer.get_ref());
+    let mut continue_sock = expects_continue.then(|| writer.socket());
     let (mut outcome, body_complete, body_error) = {
         let mut body = http1::BodyReader::new(reader, incoming.framing, continue_sock.as_mut());
         let outcome = match framing {
@@ -661,12 +488,12 @@ fn serve_request(
 /// connection is closed afterwards either way.
 fn serve_upgrade(
     incoming: IncomingRequest,
-    reader: &mut BufReader<&TcpStream>,
-    writer: &mut BufWriter<&TcpStream>,
-    context: (SocketAddr, Instant),
+    reader: &mut ClientReader<'_>,
+    writer: &mut ClientWriter<'_>,
+    (conn, started): (&Conn, Instant),
     shared: &Shared,
-    registered: &Registered<'_>,
 ) {
+    let context = (conn.peer, started);
     // A rare path: its own scratch buffer.
     let copy_buf = &mut Vec::new();
     let upgraded = match shared.proxy.upgrade(&incoming) {
@@ -694,29 +521,54 @@ fn serve_upgrade(
         upstream: Some(upgraded.upstream),
         ..Logged::default()
     };
-    if let Err(e) = http1::write_switching_head(writer, &headers) {
-        logged.error = Some(format!("writing the 101 head: {e}"));
-    } else if !registered.set(TUNNEL) || shared.stop.load(Ordering::SeqCst) {
-        // Checked after the state is set: either the shutdown sweep sees
-        // TUNNEL, or this sees the stop flag (both SeqCst).
-        logged.error = Some("closed at shutdown".into());
-    } else {
-        // Bytes the client sent after its head belong to the new protocol.
-        let pending = reader.buffer().to_vec();
-        reader.consume(pending.len());
-        let state = Arc::clone(&registered.state);
-        let relayed = tunnel::relay(
-            &registered.stream,
-            pending,
-            upgraded.handshake,
-            shared.settings.tunnel_timeout,
-            Arc::new(move || state.load(Ordering::SeqCst) == CLOSING),
-        );
-        logged.bytes = relayed.to_client;
-        logged.bytes_to_backend = Some(relayed.to_backend);
-        logged.error = relayed.error;
+    let tunnel_stream = match http1::write_switching_head(writer, &headers) {
+        Err(e) => Err(format!("writing the 101 head: {e}")),
+        Ok(()) => tunnel_socket(reader.socket(), shared)
+            .map_err(|e| format!("cannot hand the connection to the tunnel: {e}")),
+    };
+    match tunnel_stream {
+        Err(why) => logged.error = Some(why),
+        // Checked after the poller was told: either its shutdown sweep
+        // finds the tunnel, or this sees the stop flag (both SeqCst).
+        Ok(stream)
+            if !shared.handback.send(Back::Tunnel {
+                token: conn.token,
+                stream: Arc::clone(&stream),
+            }) || shared.stop.load(Ordering::SeqCst) =>
+        {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            logged.error = Some("closed at shutdown".into());
+        }
+        Ok(stream) => {
+            // Bytes the client sent after its head belong to the new
+            // protocol.
+            let pending = reader.take_pending();
+            let stop = Arc::clone(&shared.stop);
+            let relayed = tunnel::relay(
+                &stream,
+                pending,
+                upgraded.handshake,
+                shared.settings.tunnel_timeout,
+                Arc::new(move || stop.load(Ordering::SeqCst)),
+            );
+            logged.bytes = relayed.to_client;
+            logged.bytes_to_backend = Some(relayed.to_backend);
+            logged.error = relayed.error;
+        }
     }
     log_request(shared, incoming, context, logged);
+}
+
+/// The client's socket as a blocking one for [`tunnel::relay`], which
+/// carries it on two threads of its own: taken off the poller's epoll set
+/// (a tunnel's traffic would wake it for nothing) and switched to
+/// blocking, once per tunnel.
+fn tunnel_socket(sock: &ClientSocket, shared: &Shared) -> io::Result<Arc<std::net::TcpStream>> {
+    let fd = sock.stream().as_raw_fd();
+    shared.registry.deregister(&mut mio::unix::SourceFd(&fd))?;
+    let stream = std::net::TcpStream::from(sock.stream().as_fd().try_clone_to_owned()?);
+    stream.set_nonblocking(false)?;
+    Ok(Arc::new(stream))
 }
 
 /// Writes an answer (the router's own or a backend's, already converted)
@@ -725,7 +577,7 @@ fn write_and_log(
     incoming: IncomingRequest,
     outcome: Outcome,
     keep_alive: bool,
-    writer: &mut BufWriter<&TcpStream>,
+    writer: &mut impl Write,
     copy_buf: &mut Vec<u8>,
     context: (SocketAddr, Instant),
     shared: &Shared,

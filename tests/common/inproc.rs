@@ -60,6 +60,7 @@ impl InProcessRouter {
             "127.0.0.1:0".parse().expect("an address"),
             ServerSettings {
                 max_connections: 64,
+                workers: 8,
                 header_timeout: TIMEOUT,
                 keepalive_timeout: TIMEOUT,
                 client_timeout: TIMEOUT,
