@@ -238,7 +238,7 @@ fn push_line(batch: &mut Vec<String>, msg: Message) -> bool {
 fn render_event(at: SystemTime, name: &str, fields: &Map<String, Value>) -> String {
     let mut line = String::with_capacity(128);
     line.push_str("{\"timestamp\":\"");
-    line.push_str(&rfc3339(at));
+    push_rfc3339(&mut line, at);
     line.push_str("\",\"event\":");
     line.push_str(&Value::from(name).to_string());
     line.push_str(",\"service\":\"httprouter\"");
@@ -255,42 +255,95 @@ fn render_event(at: SystemTime, name: &str, fields: &Map<String, Value>) -> Stri
     line
 }
 
+/// Written straight into the line, without building a JSON value first:
+/// this runs once per request.
 fn render_request(at: SystemTime, r: &RequestRecord) -> String {
-    let mut f = Map::new();
-    f.insert("host".into(), r.host.clone().into());
-    f.insert("method".into(), r.method.clone().into());
-    f.insert("path".into(), r.path.clone().into());
-    f.insert("status".into(), r.status.into());
-    f.insert("upstream".into(), r.upstream.clone().into());
-    f.insert(
-        "duration_ms".into(),
-        ((r.duration_ms * 1000.0).round() / 1000.0).into(),
-    );
-    f.insert("bytes".into(), r.bytes.into());
+    use std::fmt::Write as _;
+    let mut line = String::with_capacity(320);
+    line.push_str("{\"timestamp\":\"");
+    push_rfc3339(&mut line, at);
+    line.push_str("\",\"event\":\"router.request\",\"service\":\"httprouter\",\"host\":");
+    push_json_str(&mut line, &r.host);
+    line.push_str(",\"method\":");
+    push_json_str(&mut line, &r.method);
+    line.push_str(",\"path\":");
+    push_json_str(&mut line, &r.path);
+    let _ = write!(line, ",\"status\":{},\"upstream\":", r.status);
+    push_json_opt(&mut line, r.upstream.as_deref());
+    let duration = (r.duration_ms * 1000.0).round() / 1000.0;
+    if duration.is_finite() {
+        let _ = write!(line, ",\"duration_ms\":{duration}");
+    }
+    let _ = write!(line, ",\"bytes\":{}", r.bytes);
     if let Some(n) = r.bytes_to_backend {
-        f.insert("bytes_to_backend".into(), n.into());
+        let _ = write!(line, ",\"bytes_to_backend\":{n}");
     }
-    f.insert("client_ip".into(), r.client_ip.clone().into());
-    f.insert("user_agent".into(), r.user_agent.clone().into());
+    line.push_str(",\"client_ip\":");
+    push_json_opt(&mut line, r.client_ip.as_deref());
+    line.push_str(",\"user_agent\":");
+    push_json_opt(&mut line, r.user_agent.as_deref());
     if let Some(e) = &r.error {
-        f.insert("error".into(), e.clone().into());
+        line.push_str(",\"error\":");
+        push_json_str(&mut line, e);
     }
-    render_event(at, "router.request", &f)
+    line.push('}');
+    line
+}
+
+fn push_json_opt(line: &mut String, s: Option<&str>) {
+    match s {
+        Some(s) => push_json_str(line, s),
+        None => line.push_str("null"),
+    }
+}
+
+/// A JSON string (RFC 8259 §7): quotes, backslashes and control
+/// characters escaped, everything else as it is.
+fn push_json_str(line: &mut String, s: &str) {
+    use std::fmt::Write as _;
+    line.push('"');
+    let mut rest = s;
+    while let Some(at) = rest.find(|c: char| c == '"' || c == '\\' || c < ' ') {
+        line.push_str(&rest[..at]);
+        let c = rest[at..].chars().next().unwrap_or(' ');
+        match c {
+            '"' => line.push_str("\\\""),
+            '\\' => line.push_str("\\\\"),
+            '\n' => line.push_str("\\n"),
+            '\r' => line.push_str("\\r"),
+            '\t' => line.push_str("\\t"),
+            c => {
+                let _ = write!(line, "\\u{:04x}", u32::from(c));
+            }
+        }
+        rest = &rest[at + c.len_utf8()..];
+    }
+    line.push_str(rest);
+    line.push('"');
 }
 
 /// RFC 3339 UTC with microseconds, e.g. `2026-11-26T22:56:00.762817Z`.
 pub fn rfc3339(at: SystemTime) -> String {
+    let mut out = String::with_capacity(27);
+    push_rfc3339(&mut out, at);
+    out
+}
+
+/// [`rfc3339`], written into `line` (no allocation of its own).
+fn push_rfc3339(line: &mut String, at: SystemTime) {
+    use std::fmt::Write as _;
     let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
-    format!(
+    let _ = write!(
+        line,
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60,
         since.subsec_micros()
-    )
+    );
 }
 
 /// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian
@@ -488,6 +541,41 @@ mod tests {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn request_lines_are_json_whatever_the_client_sent() {
+        let odd = "a\"b\\c\n\r\t\u{1}\u{7f}é\u{ff}😀";
+        let r = RequestRecord {
+            host: odd.into(),
+            method: "GET".into(),
+            path: "/p?q=\"x\"".into(),
+            status: 502,
+            upstream: None,
+            duration_ms: 1.23456,
+            bytes: 7,
+            bytes_to_backend: Some(3),
+            client_ip: Some("127.0.0.1".into()),
+            user_agent: Some(odd.into()),
+            error: Some("backend \"down\"".into()),
+        };
+        let line = render_request(UNIX_EPOCH, &r);
+        let v: Value = serde_json::from_str(&line).expect(&line);
+        assert_eq!(v["event"], "router.request");
+        assert_eq!(v["service"], "httprouter");
+        assert_eq!(v["host"], odd);
+        assert_eq!(v["user_agent"], odd);
+        assert_eq!(v["path"], "/p?q=\"x\"");
+        assert_eq!(v["status"], 502);
+        assert_eq!(v["upstream"], Value::Null);
+        assert_eq!(v["duration_ms"], 1.235);
+        assert_eq!(v["bytes"], 7);
+        assert_eq!(v["bytes_to_backend"], 3);
+        assert_eq!(v["error"], "backend \"down\"");
+        let plain = RequestRecord::default();
+        let v: Value = serde_json::from_str(&render_request(UNIX_EPOCH, &plain)).unwrap();
+        assert!(v.get("error").is_none() && v.get("bytes_to_backend").is_none());
+        assert_eq!(v["client_ip"], Value::Null);
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! The httprouter binary: flags, signals, and the start and shutdown order
 //! of the pieces in the library (see `lib.rs` for the data flow).
 
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
