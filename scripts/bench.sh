@@ -8,6 +8,9 @@
 #   ROUNDS=1 DURATION=3s PROFILES=c64 scripts/bench.sh   # a quick look
 #   MUSL=0 scripts/bench.sh                # the glibc build alone
 #
+# Then scripts/idle-connections.py reports what 10,000 idle keep-alive
+# connections cost each build (RSS and threads; IDLE_CONNECTIONS=N).
+#
 # The harness is copied to a temporary folder first: it builds its Go anchor
 # next to itself, and shared/ is read-only. Needs nginx-light, haproxy, wrk,
 # golang-go, python3, and for the musl build the rustup target
@@ -46,4 +49,9 @@ export PROFILES=${PROFILES:-"c64 c256 c64-64k c16-1m"}
 export OUT_DIR=${OUT_DIR:-$PWD/target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT_DIR"
 "$work/bench/run.sh" "${extra[@]}" "$@"
+# What idle connections cost: 10,000 held open after one request each.
+scripts/idle-connections.py "$bin" "${IDLE_CONNECTIONS:-10000}" | tee -a "$OUT_DIR/summary.md"
+if [ "${MUSL:-1}" = 1 ]; then
+  scripts/idle-connections.py "$PWD/target/$musl_target/release/httprouter" "${IDLE_CONNECTIONS:-10000}" | tee -a "$OUT_DIR/summary.md"
+fi
 echo "results: $OUT_DIR" >&2

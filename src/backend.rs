@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::http1::{
-    BodyFraming, BodyReader, connection_tokens, field_from_bytes, header_values, is_timeout,
-    last_coding_is_chunked, parse_content_length, set_read_timeout,
+    BodyFraming, BodyReader, Fields, connection_tokens, is_timeout, last_coding_is_chunked,
+    parse_content_length, set_read_timeout,
 };
 
 /// Idle pooled connections older than this are not reused: many servers
@@ -59,7 +59,7 @@ pub struct BackendRequest<'a> {
     pub path_and_query: &'a str,
     /// End-to-end headers only, `Host` included; framing headers are set
     /// from `framing`.
-    pub headers: &'a [(&'a str, Cow<'a, str>)],
+    pub headers: &'a [(&'a str, Cow<'a, [u8]>)],
     pub framing: BodyFraming,
 }
 
@@ -67,7 +67,7 @@ pub struct BackendResponse {
     pub status: u16,
     /// As received (names as the backend spelt them), framing and
     /// hop-by-hop headers included; `proxy` filters.
-    pub headers: Vec<(String, String)>,
+    pub headers: Fields,
     /// The body's length when the backend framed it by `Content-Length`.
     pub length: Option<u64>,
     pub body: Box<dyn Read + Send + 'static>,
@@ -335,11 +335,9 @@ fn response(
         http11,
         headers,
     } = head;
-    let has_te = header_values(&headers, "transfer-encoding")
-        .next()
-        .is_some();
+    let has_te = headers.get("transfer-encoding").is_some();
     let mut length: Option<u64> = None;
-    for value in header_values(&headers, "content-length") {
+    for value in headers.values("content-length") {
         let n = parse_content_length(value).ok_or(Failure::Protocol("invalid Content-Length"))?;
         if length.is_some_and(|l| l != n) {
             return Err(Failure::Protocol("conflicting Content-Length values"));
@@ -362,7 +360,7 @@ fn response(
         && http11
         && framing.is_some()
         && !(has_te && length.is_some())
-        && !connection_tokens(&headers).any(|t| t.eq_ignore_ascii_case("close"));
+        && !connection_tokens(&headers).any(|t| t.eq_ignore_ascii_case(b"close"));
     let (body_reader, length) = match framing {
         Some(f) => (
             PooledBody::Framed(BodyReader::new(reader, f, None)),
@@ -676,9 +674,8 @@ pub struct ResponseHead {
     pub status: u16,
     /// `HTTP/1.1` (else `HTTP/1.0`).
     pub http11: bool,
-    /// Names as the backend spelt them; values as bytes (see
-    /// [`field_from_bytes`]).
-    pub headers: Vec<(String, String)>,
+    /// Names as the backend spelt them, values as its bytes.
+    pub headers: Fields,
 }
 
 /// Why no response head could be read.
@@ -736,11 +733,10 @@ pub fn read_response_head(
         match resp.parse(&head) {
             Ok(httparse::Status::Complete(len)) => {
                 conn.consume(len - before);
-                let headers = resp
-                    .headers
-                    .iter()
-                    .map(|h| (h.name.to_string(), field_from_bytes(h.value)))
-                    .collect();
+                let mut headers = Fields::with_capacity(resp.headers.len(), len);
+                for h in resp.headers.iter() {
+                    headers.push(h.name, h.value);
+                }
                 return Ok(ResponseHead {
                     status: resp.code.unwrap_or(0),
                     http11: resp.version == Some(1),

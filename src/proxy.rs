@@ -12,7 +12,7 @@
 //! backend twice, and only while the domain's retry budget allows.
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
+use std::io::Write as _;
 use std::io::{Cursor, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,8 +23,7 @@ use crate::backend::{BackendClient, BackendError, BackendRequest};
 use crate::cidr::Cidr;
 use crate::health::{AfterFailure, EjectPolicy, now_ms};
 use crate::http1::{
-    BodyFraming, HttpVersion, connection_tokens, fold_name_byte, header, header_values,
-    name_folds_to, trim_ows,
+    BodyFraming, Fields, HttpVersion, connection_tokens, fold_name_byte, name_folds_to, trim_ows,
 };
 use crate::log::Logger;
 use crate::routes::{Backend, Domain, SharedTable, normalise_host};
@@ -51,7 +50,7 @@ pub struct IncomingRequest {
     /// absolute-form (`http://host/path?q`).
     pub target: String,
     pub version: HttpVersion,
-    pub headers: Vec<(String, String)>,
+    pub headers: Fields,
     pub peer: Option<SocketAddr>,
     /// Decided by the server front, which reads the body.
     pub framing: BodyFraming,
@@ -60,7 +59,7 @@ pub struct IncomingRequest {
 /// The answer to send to the client.
 pub struct ProxyResponse {
     pub status: u16,
-    pub headers: Vec<(String, String)>,
+    pub headers: Fields,
     pub length: Option<u64>,
     pub body: Box<dyn Read + Send + 'static>,
 }
@@ -154,22 +153,24 @@ impl Proxy {
             return Err(Box::new(refuse_unreadable(
                 400,
                 "bad request target",
-                header(&req.headers, "host").unwrap_or(""),
+                req.headers.get_str("host").unwrap_or(""),
             )));
         };
-        let host_values: Vec<&str> = header_values(&req.headers, "host").collect();
+        let host_values: Vec<&[u8]> = req.headers.values("host").collect();
         // RFC 9112 §3.2: more than one Host, or none in HTTP/1.1, is a 400.
         if host_values.len() > 1 {
             return Err(Box::new(refuse_unreadable(
                 400,
                 "more than one Host header",
-                host_values[0],
+                std::str::from_utf8(host_values[0]).unwrap_or(""),
             )));
         }
         let raw_host = match (target.authority, host_values.first()) {
             // RFC 9112 §3.2.2: the absolute-form authority wins over Host.
             (Some(authority), _) => authority,
-            (None, Some(h)) => *h,
+            // A host name is ASCII (RFC 3986 §3.2.2): other bytes are no
+            // host at all.
+            (None, Some(h)) => std::str::from_utf8(h).unwrap_or(""),
             (None, None) => {
                 return Err(Box::new(refuse_unreadable(400, "missing Host header", "")));
             }
@@ -248,12 +249,14 @@ impl Proxy {
     pub fn upgrade(&self, req: &IncomingRequest) -> Result<Upgraded, Box<Outcome>> {
         let routed = self.route(req)?;
         let mut headers = forward_headers(req, routed.raw_host, &self.settings.trusted_proxies);
-        headers.push(("Connection", Cow::Borrowed("Upgrade")));
-        for value in header_values(&req.headers, "upgrade") {
+        headers.push(("Connection", Cow::Borrowed(b"Upgrade")));
+        for value in req.headers.values("upgrade") {
             headers.push(("Upgrade", Cow::Borrowed(value)));
         }
-        let asked: Vec<String> = header_values(&req.headers, "upgrade")
-            .flat_map(|v| v.split(','))
+        let asked: Vec<Vec<u8>> = req
+            .headers
+            .values("upgrade")
+            .flat_map(|v| v.split(|&b| b == b','))
             .map(|p| protocol_name(p).to_ascii_lowercase())
             .filter(|p| !p.is_empty())
             .collect();
@@ -265,12 +268,12 @@ impl Proxy {
             // the client asked for. Anything else would hand the client a
             // raw connection to a backend that never agreed to one.
             if answer.status == 101 {
-                let switched = header(&answer.headers, "upgrade").map(protocol_name);
+                let switched = answer.headers.get("upgrade").map(protocol_name);
                 if !switched.is_some_and(|p| asked.contains(&p.to_ascii_lowercase())) {
                     return Err(BackendError::Failed {
                         detail: format!(
                             "101 answer switches to {:?}, not a protocol the client asked for",
-                            switched.unwrap_or("nothing")
+                            String::from_utf8_lossy(switched.unwrap_or(b"nothing"))
                         ),
                     });
                 }
@@ -446,28 +449,32 @@ impl Read for ClientBody<'_> {
 pub fn is_upgrade(req: &IncomingRequest) -> bool {
     req.version == HttpVersion::Http11
         && req.framing == BodyFraming::None
-        && header(&req.headers, "upgrade").is_some_and(|v| !trim_ows(v).is_empty())
-        && connection_tokens(&req.headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+        && req
+            .headers
+            .get("upgrade")
+            .is_some_and(|v| !trim_ows(v).is_empty())
+        && connection_tokens(&req.headers).any(|t| t.eq_ignore_ascii_case(b"upgrade"))
 }
 
 /// `websocket` of `WebSocket/13`: the name of a protocol in an `Upgrade`
 /// list, version dropped.
-fn protocol_name(token: &str) -> &str {
+fn protocol_name(token: &[u8]) -> &[u8] {
     let token = trim_ows(token);
-    trim_ows(token.split('/').next().unwrap_or(token))
+    trim_ows(token.split(|&b| b == b'/').next().unwrap_or(token))
 }
 
 /// The headers of a backend's `101`: its end-to-end headers and `Upgrade`,
 /// with `Connection: Upgrade` (RFC 9110 §7.8).
-pub fn switching_headers(headers: &[(String, String)]) -> Vec<(String, String)> {
-    let tokens: Vec<&str> = connection_tokens(headers).collect();
-    let mut out: Vec<(String, String)> = headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("upgrade") || !is_hop_by_hop(n, &tokens))
-        .filter(|(n, _)| !n.eq_ignore_ascii_case("content-length"))
-        .cloned()
-        .collect();
-    out.push(("Connection".into(), "Upgrade".into()));
+pub fn switching_headers(headers: &Fields) -> Fields {
+    let tokens: Vec<&[u8]> = connection_tokens(headers).collect();
+    let mut out = Fields::with_capacity(headers.len() + 1, 256);
+    for (name, value) in headers.iter() {
+        let keep = name.eq_ignore_ascii_case("upgrade") || !is_hop_by_hop(name, &tokens);
+        if keep && !name.eq_ignore_ascii_case("content-length") {
+            out.push(name, value);
+        }
+    }
+    out.push("Connection", b"Upgrade");
     out
 }
 
@@ -529,8 +536,9 @@ impl<'a> RequestTarget<'a> {
 /// other ones (`Keep_Alive`, `Proxy_Connection`, and those of the names
 /// `Connection` lists) are dropped here, so a backend that reads `_` as `-`
 /// never sees a hop-by-hop header the router did not act on.
-fn is_hop_by_hop(name: &str, connection_tokens: &[&str]) -> bool {
-    HOP_BY_HOP.iter().any(|h| name_folds_to(name, h))
+fn is_hop_by_hop(name: &str, connection_tokens: &[&[u8]]) -> bool {
+    let name = name.as_bytes();
+    HOP_BY_HOP.iter().any(|h| name_folds_to(name, h.as_bytes()))
         || connection_tokens.iter().any(|t| name_folds_to(name, t))
 }
 
@@ -550,15 +558,15 @@ pub fn forward_headers<'r>(
     req: &'r IncomingRequest,
     raw_host: &'r str,
     trusted: &[Cidr],
-) -> Vec<(&'r str, Cow<'r, str>)> {
+) -> Vec<(&'r str, Cow<'r, [u8]>)> {
     let peer_trusted = req
         .peer
         .is_some_and(|p| trusted.iter().any(|c| c.contains(p.ip())));
-    let tokens: Vec<&str> = connection_tokens(&req.headers).collect();
+    let tokens: Vec<&[u8]> = connection_tokens(&req.headers).collect();
     let mut out = Vec::with_capacity(req.headers.len() + 3);
-    let mut forwarded_for: Vec<&str> = Vec::new();
+    let mut forwarded_for: Vec<&[u8]> = Vec::new();
     let (mut has_proto, mut has_host) = (false, false);
-    for (name, value) in &req.headers {
+    for (name, value) in req.headers.iter() {
         if is_hop_by_hop(name, &tokens)
             || name.eq_ignore_ascii_case("host")
             || name.eq_ignore_ascii_case("content-length")
@@ -583,44 +591,43 @@ pub fn forward_headers<'r>(
             has_proto |= name.eq_ignore_ascii_case("x-forwarded-proto");
             has_host |= name.eq_ignore_ascii_case("x-forwarded-host");
         }
-        out.push((name.as_str(), Cow::Borrowed(value.as_str())));
+        out.push((name, Cow::Borrowed(value)));
     }
-    out.push(("Host", Cow::Borrowed(raw_host)));
-    let mut xff = String::new();
+    out.push(("Host", Cow::Borrowed(raw_host.as_bytes())));
+    let mut xff: Vec<u8> = Vec::new();
     for hop in forwarded_for.into_iter().filter(|v| !v.is_empty()) {
         if !xff.is_empty() {
-            xff.push_str(", ");
+            xff.extend_from_slice(b", ");
         }
-        xff.push_str(hop);
+        xff.extend_from_slice(hop);
     }
     if let Some(peer) = req.peer {
         if !xff.is_empty() {
-            xff.push_str(", ");
+            xff.extend_from_slice(b", ");
         }
-        // Writing to a String cannot fail.
+        // Writing to a Vec cannot fail.
         let _ = write!(xff, "{}", peer.ip().to_canonical());
     }
     if !xff.is_empty() {
         out.push(("X-Forwarded-For", Cow::Owned(xff)));
     }
     if !has_proto {
-        out.push(("X-Forwarded-Proto", Cow::Borrowed("http")));
+        out.push(("X-Forwarded-Proto", Cow::Borrowed(b"http")));
     }
     if !has_host {
-        out.push(("X-Forwarded-Host", Cow::Borrowed(raw_host)));
+        out.push(("X-Forwarded-Host", Cow::Borrowed(raw_host.as_bytes())));
     }
     out
 }
 
 /// The backend's headers minus hop-by-hop and framing headers (the server
 /// front frames the body itself).
-pub fn response_headers(mut headers: Vec<(String, String)>) -> Vec<(String, String)> {
-    // Owned, as `retain` borrows the list mutably; allocates nothing when
+pub fn response_headers(mut headers: Fields) -> Fields {
+    // Owned, as `retain` borrows the fields mutably; allocates nothing when
     // there is no `Connection` header.
-    let owned: Vec<String> = connection_tokens(&headers).map(String::from).collect();
-    let tokens: Vec<&str> = owned.iter().map(String::as_str).collect();
-    headers
-        .retain(|(n, _)| !is_hop_by_hop(n, &tokens) && !n.eq_ignore_ascii_case("content-length"));
+    let owned: Vec<Vec<u8>> = connection_tokens(&headers).map(<[u8]>::to_vec).collect();
+    let tokens: Vec<&[u8]> = owned.iter().map(Vec::as_slice).collect();
+    headers.retain(|n, _| !is_hop_by_hop(n, &tokens) && !n.eq_ignore_ascii_case("content-length"));
     headers
 }
 
@@ -653,7 +660,7 @@ pub fn refuse(status: u16, why: &str, host: &str) -> Outcome {
     Outcome {
         response: ProxyResponse {
             status,
-            headers: vec![("Content-Type".into(), "text/plain; charset=utf-8".into())],
+            headers: Fields::from_pairs(&[("Content-Type", "text/plain; charset=utf-8")]),
             length: Some(text.len() as u64),
             body: Box::new(Cursor::new(text.into_bytes())),
         },
@@ -685,10 +692,7 @@ mod tests {
             method: "GET".into(),
             target: "/".into(),
             version: HttpVersion::Http11,
-            headers: headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.to_string()))
-                .collect(),
+            headers: Fields::from_pairs(headers),
             peer: Some("192.0.2.7:5555".parse().unwrap()),
             framing: BodyFraming::None,
         }
@@ -699,6 +703,10 @@ mod tests {
             .iter()
             .map(|(n, _)| n.as_ref().to_ascii_lowercase())
             .collect()
+    }
+
+    fn field_names(fields: &Fields) -> Vec<String> {
+        fields.iter().map(|(n, _)| n.to_ascii_lowercase()).collect()
     }
 
     #[test]
@@ -728,21 +736,21 @@ mod tests {
                 "x-forwarded-host"
             ]
         );
-        let back = response_headers(vec![
-            ("Connection".into(), "close, X-Internal".into()),
-            ("X-Internal".into(), "1".into()),
-            ("Transfer-Encoding".into(), "chunked".into()),
-            ("Content-Length".into(), "3".into()),
-            ("Set-Cookie".into(), "a=1".into()),
-            ("Set-Cookie".into(), "b=2".into()),
-        ]);
-        assert_eq!(names(&back), ["set-cookie", "set-cookie"]);
+        let back = response_headers(Fields::from_pairs(&[
+            ("Connection", "close, X-Internal"),
+            ("X-Internal", "1"),
+            ("Transfer-Encoding", "chunked"),
+            ("Content-Length", "3"),
+            ("Set-Cookie", "a=1"),
+            ("Set-Cookie", "b=2"),
+        ]));
+        assert_eq!(field_names(&back), ["set-cookie", "set-cookie"]);
     }
 
-    fn get(out: &[(&str, Cow<'_, str>)], n: &str) -> Vec<String> {
+    fn get(out: &[(&str, Cow<'_, [u8]>)], n: &str) -> Vec<String> {
         out.iter()
             .filter(|(k, _)| k.eq_ignore_ascii_case(n))
-            .map(|(_, v)| v.to_string())
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
             .collect()
     }
 
@@ -810,14 +818,14 @@ mod tests {
         assert!(!is_upgrade(&r), "a body: served as a plain request");
         let plain = req(&[("Host", "a.com"), ("Upgrade", "websocket")]);
         assert!(!is_upgrade(&plain), "Upgrade without Connection: upgrade");
-        let back = switching_headers(&[
-            ("Upgrade".into(), "websocket".into()),
-            ("Connection".into(), "upgrade".into()),
-            ("Sec-WebSocket-Accept".into(), "x".into()),
-            ("Keep-Alive".into(), "1".into()),
-        ]);
+        let back = switching_headers(&Fields::from_pairs(&[
+            ("Upgrade", "websocket"),
+            ("Connection", "upgrade"),
+            ("Sec-WebSocket-Accept", "x"),
+            ("Keep-Alive", "1"),
+        ]));
         assert_eq!(
-            names(&back),
+            field_names(&back),
             ["upgrade", "sec-websocket-accept", "connection"]
         );
     }

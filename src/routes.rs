@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::health::{BackendHealth, EjectPolicy, RetryBudget};
-use crate::http1::trim_ows;
+use crate::http1::trim_ows_str;
 use crate::httpurl::HttpUrl;
 
 /// One backend of a domain, parsed from an etcd value.
@@ -284,8 +284,8 @@ fn split_port(host: &str) -> (&str, Option<&str>) {
 /// kept. Returns `None` for something that cannot be a host: empty, a bad
 /// port, or characters that would let a value smuggle a path or userinfo.
 pub fn normalise_host(raw: &str) -> Option<String> {
-    // SP and HTAB only (see `trim_ows`): `a.com\xa0` is not `a.com`.
-    let raw = trim_ows(raw);
+    // SP and HTAB only (see `http1::trim_ows`): `a.com\xa0` is not `a.com`.
+    let raw = trim_ows_str(raw);
     let (name, port) = split_port(raw);
     if port.is_some_and(|p| p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit())) {
         return None;

@@ -22,8 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::client::{ClientBuffers, ClientReader, ClientSocket, ClientWriter};
 use crate::http1::{
-    self, BodyFraming, HeadError, HeadScan, HttpVersion, ResponseHead, connection_tokens, header,
-    header_values,
+    self, BodyFraming, HeadError, HeadScan, HttpVersion, ResponseHead, connection_tokens,
 };
 use crate::log::{Logger, RequestRecord};
 use crate::poller::{Back, Dispatch, Handback, Job, Parked, Poller, PollerLimits};
@@ -393,20 +392,18 @@ fn serve_request(
     let started = Instant::now();
     let wants_close = match head.version {
         HttpVersion::Http11 => {
-            connection_tokens(&head.headers).any(|t| t.eq_ignore_ascii_case("close"))
+            connection_tokens(&head.headers).any(|t| t.eq_ignore_ascii_case(b"close"))
         }
         // HTTP/1.0 connections are not kept alive.
         HttpVersion::Http10 => true,
     };
     let framing = http1::request_framing(head.version, &head.headers);
-    let expect: Vec<&str> = header_values(&head.headers, "expect")
-        .map(http1::trim_ows)
-        .collect();
+    let expect: Vec<&[u8]> = head.headers.values("expect").map(http1::trim_ows).collect();
     // RFC 9110 §10.1.1: `100-continue` is the only expectation; HTTP/1.0
     // requests' expectations are ignored.
     let expects_continue = head.version == HttpVersion::Http11
         && expect.len() == 1
-        && expect[0].eq_ignore_ascii_case("100-continue");
+        && expect[0].eq_ignore_ascii_case(b"100-continue");
     let unmet_expectation =
         head.version == HttpVersion::Http11 && !expect.is_empty() && !expects_continue;
 
@@ -641,7 +638,10 @@ fn log_request(
         bytes: logged.bytes,
         bytes_to_backend: logged.bytes_to_backend,
         client_ip: Some(peer.ip().to_string()),
-        user_agent: header(&incoming.headers, "user-agent").map(str::to_string),
+        user_agent: incoming
+            .headers
+            .get("user-agent")
+            .map(|v| String::from_utf8_lossy(v).into_owned()),
         error: logged.error,
     });
 }

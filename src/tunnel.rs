@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::backend::{self, AnswerError, BackendError, Buffered};
 use crate::health::now_ms;
 use crate::http1::{
-    BodyFraming, BodyReader, header, is_timeout, last_coding_is_chunked, parse_content_length,
+    BodyFraming, BodyReader, Fields, is_timeout, last_coding_is_chunked, parse_content_length,
 };
 
 const BUFFER_BYTES: usize = 16 * 1024;
@@ -38,7 +38,7 @@ pub struct HandshakeTimeouts {
 pub struct Handshake {
     pub status: u16,
     /// As received; `proxy` filters them.
-    pub headers: Vec<(String, String)>,
+    pub headers: Fields,
     /// The connection, positioned just after the response head.
     conn: Buffered,
     body_timeout: Duration,
@@ -97,14 +97,16 @@ impl Handshake {
     /// unknown and the body ends when the backend closes.
     pub fn into_body(self, head_request: bool) -> (Option<u64>, Box<dyn Read + Send>) {
         let no_body = head_request || matches!(self.status, 100..=199 | 204 | 304);
-        let has_te = header(&self.headers, "transfer-encoding").is_some();
+        let has_te = self.headers.get("transfer-encoding").is_some();
         let chunked = has_te && last_coding_is_chunked(&self.headers);
         // RFC 9112 §6.3: with a Transfer-Encoding, a Content-Length says
         // nothing; without chunked last, the body ends with the connection.
         let length = if has_te {
             None
         } else {
-            header(&self.headers, "content-length").and_then(parse_content_length)
+            self.headers
+                .get("content-length")
+                .and_then(parse_content_length)
         };
         let conn = self.conn;
         let _ = conn.get_ref().set_read_timeout(Some(self.body_timeout));
@@ -271,7 +273,7 @@ fn pump(
 }
 
 /// The request head to send for an upgrade, from already filtered headers.
-pub fn request_head(method: &str, target: &str, headers: &[(&str, Cow<'_, str>)]) -> Vec<u8> {
+pub fn request_head(method: &str, target: &str, headers: &[(&str, Cow<'_, [u8]>)]) -> Vec<u8> {
     let mut head = Vec::with_capacity(512);
     head.extend_from_slice(method.as_bytes());
     head.push(b' ');
