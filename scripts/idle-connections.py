@@ -81,7 +81,7 @@ def main():
         rss = status(router.pid, "VmRSS")
         threads = status(router.pid, "Threads")
         grown = rss - rss_before
-        print(f"{os.path.basename(binary)}: {count} idle keep-alive connections: "
+        print(f"{binary}: {count} idle keep-alive connections: "
               f"RSS {rss_before} -> {rss} KiB (+{grown / 1024:.1f} MiB, "
               f"{grown / count:.2f} KiB each), threads {threads_before} -> {threads}")
     finally:

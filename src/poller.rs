@@ -41,6 +41,11 @@ const SATURATION_LOG_EVERY_MILLIS: u64 = 10_000;
 /// After accept fails for want of file descriptors, it is tried again
 /// this much later (the connection waits in the backlog meanwhile).
 const ACCEPT_RETRY_MILLIS: u64 = 50;
+/// The longest the poller sleeps while workers hold connections: an idle
+/// connection handed back without waking it (see [`Handback::send`]) has
+/// its keep-alive timeout counted from the poller's next turn, so at most
+/// this much late.
+pub const LAZY_BACK_MILLIS: u64 = 250;
 
 /// A client connection while the poller holds it.
 pub struct Parked {
@@ -52,11 +57,20 @@ pub struct Parked {
     /// requests it sent are answered, the connection closes. (Its edge is
     /// spent, so nothing would tell the poller again.)
     pub eof: bool,
+    /// Set by the poller when the socket became readable while a worker
+    /// held it (the edge is spent): the worker then wakes the poller when
+    /// it hands the connection back, so the bytes are read at once.
+    pub away: Arc<AtomicBool>,
     scan: HeadScan,
 }
 
 impl Parked {
-    fn new(sock: TcpStream, peer: SocketAddr, pending: Vec<u8>) -> Parked {
+    fn new(
+        sock: TcpStream,
+        peer: SocketAddr,
+        pending: Vec<u8>,
+        away: Arc<AtomicBool>,
+    ) -> Parked {
         let mut scan = HeadScan::default();
         if !pending.is_empty() {
             scan.ready(&pending);
@@ -66,6 +80,7 @@ impl Parked {
             peer,
             pending,
             eof: false,
+            away,
             scan,
         }
     }
@@ -88,6 +103,7 @@ pub enum Back {
         sock: TcpStream,
         peer: SocketAddr,
         pending: Vec<u8>,
+        away: Arc<AtomicBool>,
     },
     /// Closed (the socket is already dropped).
     Closed { token: usize },
@@ -105,6 +121,8 @@ pub struct Handback {
     tx: Sender<Back>,
     waker: Arc<Waker>,
     sleeping: Arc<AtomicBool>,
+    /// The poller stopped accepting at the cap.
+    paused: Arc<AtomicBool>,
 }
 
 impl Handback {
@@ -115,13 +133,31 @@ impl Handback {
 
     /// Sends `back`; false if the poller is gone (the router is stopping:
     /// whatever the message holds is dropped, which closes it).
+    ///
+    /// An idle connection coming back does not wake the poller (that would
+    /// cost a `write` and a turn of the poller per request): the client's
+    /// next request wakes it anyway, and it takes the messages in after
+    /// the events, so the readiness noted while the connection was away
+    /// is seen. Only its keep-alive deadline waits for the poller's next
+    /// turn, at most [`LAZY_BACK_MILLIS`]. Anything else wakes it, and so
+    /// does any message while accepting is paused at the cap.
     pub fn send(&self, back: Back) -> bool {
+        let lazy = match &back {
+            Back::Park { pending, away, .. } if pending.is_empty() => {
+                Some(Arc::clone(away)).filter(|_| !self.paused.load(Ordering::SeqCst))
+            }
+            _ => None,
+        };
         if self.tx.send(back).is_err() {
             return false;
         }
-        // The poller clears `sleeping` before it looks at the channel, so
-        // either it sees this message or this sees it asleep.
-        if self.sleeping.load(Ordering::SeqCst) {
+        // Checked after the send: either the poller noted the readiness
+        // before it last took messages in (and so finds this one), or this
+        // sees the note. The poller clears `sleeping` before it looks at
+        // the channel, so either it sees this message or this sees it
+        // asleep.
+        let urgent = lazy.is_none_or(|away| away.load(Ordering::SeqCst));
+        if urgent && self.sleeping.load(Ordering::SeqCst) {
             let _ = self.waker.wake();
         }
         true
@@ -155,11 +191,13 @@ enum Slot {
         /// head set.
         idle: bool,
     },
-    /// A worker has it; `missed` notes readiness that came meanwhile (the
+    /// A worker has it; `away` notes readiness that came meanwhile (the
     /// edge is spent, so the poller reads when it comes back).
     Busy {
-        missed: bool,
+        away: Arc<AtomicBool>,
     },
+    /// The poller itself is reading it (within one call).
+    Reading,
     Tunnel(Arc<std::net::TcpStream>),
 }
 
@@ -173,6 +211,7 @@ pub struct Poller {
     stop: Arc<AtomicBool>,
     back_rx: Receiver<Back>,
     sleeping: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
 }
 
 impl Poller {
@@ -191,10 +230,12 @@ impl Poller {
         let registry = poll.registry().try_clone()?;
         let (tx, back_rx) = crossbeam_channel::unbounded();
         let sleeping = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(AtomicBool::new(false));
         let handback = Handback {
             tx,
             waker,
             sleeping: Arc::clone(&sleeping),
+            paused: Arc::clone(&paused),
         };
         let poller = Poller {
             poll,
@@ -204,6 +245,7 @@ impl Poller {
             stop,
             back_rx,
             sleeping,
+            paused,
         };
         Ok((poller, handback, registry))
     }
@@ -220,6 +262,8 @@ impl Poller {
             stop: self.stop,
             back_rx: self.back_rx,
             sleeping: self.sleeping,
+            paused_flag: self.paused,
+            busy: 0,
             slots: Vec::new(),
             free: Vec::new(),
             open: 0,
@@ -244,6 +288,10 @@ struct Running<D> {
     stop: Arc<AtomicBool>,
     back_rx: Receiver<Back>,
     sleeping: Arc<AtomicBool>,
+    /// `paused`, for the workers (see [`Handback::send`]).
+    paused_flag: Arc<AtomicBool>,
+    /// Connections workers hold.
+    busy: usize,
     slots: Vec<Slot>,
     free: Vec<usize>,
     open: usize,
@@ -296,7 +344,7 @@ impl<D: Dispatch> Running<D> {
             self.expire();
             if self.paused || self.retry_accept_at.is_some_and(|t| Instant::now() >= t) {
                 self.retry_accept_at = None;
-                self.paused = false;
+                self.set_paused(false);
                 self.accept();
             }
             if self.dispatch.queued() > 0 {
@@ -315,9 +363,16 @@ impl<D: Dispatch> Running<D> {
             .map(|&(at, _)| at)
             .chain(self.retry_accept_at)
             .min();
-        if self.dispatch.queued() > 0 {
-            let check = now + Duration::from_millis(crate::workers::CHECK_EVERY_MILLIS);
-            next = Some(next.map_or(check, |n| n.min(check)));
+        let tick = if self.dispatch.queued() > 0 {
+            Some(crate::workers::CHECK_EVERY_MILLIS)
+        } else if self.busy > 0 {
+            Some(LAZY_BACK_MILLIS)
+        } else {
+            None
+        };
+        if let Some(millis) = tick {
+            let at = now + Duration::from_millis(millis);
+            next = Some(next.map_or(at, |n| n.min(at)));
         }
         // Rounded up to whole milliseconds (epoll's unit), so a deadline is
         // never polled for just before it is due.
@@ -335,7 +390,7 @@ impl<D: Dispatch> Running<D> {
                 let closed_idle = self.close_longest_idle();
                 self.log_saturated(closed_idle);
                 if !closed_idle {
-                    self.paused = true;
+                    self.set_paused(true);
                     return;
                 }
             }
@@ -379,7 +434,8 @@ impl<D: Dispatch> Running<D> {
         // the accept: a silent connection cannot sit on a slot.
         let deadline = Instant::now() + self.limits.header_timeout;
         // Bytes that came before the registration are reported by it.
-        self.park(token, Parked::new(sock, peer, Vec::new()), deadline, false);
+        let away = Arc::new(AtomicBool::new(false));
+        self.park(token, Parked::new(sock, peer, Vec::new(), away), deadline, false);
     }
 
     fn park(&mut self, token: usize, conn: Parked, deadline: Instant, idle: bool) {
@@ -399,7 +455,7 @@ impl<D: Dispatch> Running<D> {
     /// Takes a parked connection out of its deadline set, with its
     /// deadline.
     fn unpark(&mut self, token: usize) -> Option<(Parked, Instant)> {
-        let slot = std::mem::replace(&mut self.slots[token], Slot::Busy { missed: false });
+        let slot = std::mem::replace(&mut self.slots[token], Slot::Reading);
         match slot {
             Slot::Parked {
                 conn,
@@ -424,7 +480,7 @@ impl<D: Dispatch> Running<D> {
     fn readable(&mut self, token: usize, read_closed: bool) {
         match self.slots.get_mut(token) {
             Some(Slot::Parked { .. }) => self.read(token, read_closed),
-            Some(Slot::Busy { missed }) => *missed = true,
+            Some(Slot::Busy { away }) => away.store(true, Ordering::SeqCst),
             _ => {}
         }
     }
@@ -472,8 +528,16 @@ impl<D: Dispatch> Running<D> {
         self.park(token, conn, deadline, idle);
     }
 
+    fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+        self.paused_flag.store(paused, Ordering::SeqCst);
+    }
+
     fn dispatch(&mut self, token: usize, conn: Parked) {
-        self.slots[token] = Slot::Busy { missed: false };
+        self.busy += 1;
+        self.slots[token] = Slot::Busy {
+            away: Arc::clone(&conn.away),
+        };
         self.dispatch.dispatch(Job { token, conn });
     }
 
@@ -493,7 +557,7 @@ impl<D: Dispatch> Running<D> {
     fn release(&mut self, token: usize) {
         self.free_slot(token);
         if self.paused {
-            self.paused = false;
+            self.set_paused(false);
             self.accept();
         }
     }
@@ -505,8 +569,10 @@ impl<D: Dispatch> Running<D> {
                 sock,
                 peer,
                 pending,
+                away,
             } => {
-                let missed = matches!(self.slots.get(token), Some(Slot::Busy { missed: true }));
+                self.busy = self.busy.saturating_sub(1);
+                let missed = away.swap(false, Ordering::SeqCst);
                 let idle = pending.is_empty();
                 let timeout = if idle {
                     self.limits.keepalive_timeout
@@ -515,7 +581,7 @@ impl<D: Dispatch> Running<D> {
                 };
                 self.park(
                     token,
-                    Parked::new(sock, peer, pending),
+                    Parked::new(sock, peer, pending, away),
                     Instant::now() + timeout,
                     idle,
                 );
@@ -523,11 +589,14 @@ impl<D: Dispatch> Running<D> {
                     self.read(token, false);
                 } else if self.paused {
                     // Idle now, so it can give way to a new connection.
-                    self.paused = false;
+                    self.set_paused(false);
                     self.accept();
                 }
             }
-            Back::Closed { token } => self.release(token),
+            Back::Closed { token } => {
+                self.busy = self.busy.saturating_sub(1);
+                self.release(token);
+            }
             Back::Tunnel { token, stream } => self.slots[token] = Slot::Tunnel(stream),
         }
     }
@@ -600,7 +669,7 @@ impl<D: Dispatch> Running<D> {
                 Slot::Tunnel(stream) => {
                     let _ = stream.shutdown(std::net::Shutdown::Both);
                 }
-                Slot::Busy { missed } => *slot = Slot::Busy { missed },
+                busy @ Slot::Busy { .. } => *slot = busy,
                 _ => {}
             }
         }

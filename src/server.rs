@@ -216,6 +216,7 @@ fn serve_connection(job: Job, bufs: &mut WorkerBuffers, shared: &Shared) -> Back
         peer,
         pending,
         eof,
+        away,
         ..
     } = conn;
     let sock = ClientSocket::new(sock, shared.settings.client_timeout);
@@ -240,6 +241,7 @@ fn serve_connection(job: Job, bufs: &mut WorkerBuffers, shared: &Shared) -> Back
                     sock: sock.into_stream(),
                     peer,
                     pending,
+                    away,
                 };
             }
             Turn::Close => {
