@@ -111,6 +111,18 @@ impl Write for &ClientSocket {
         }
     }
 
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        loop {
+            match (&self.stream).write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.wait(libc::POLLOUT, self.write_timeout)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
@@ -240,15 +252,26 @@ impl<'a> ClientWriter<'a> {
 
 impl Write for ClientWriter<'_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if self.buf.len() + data.len() > self.buf.capacity() {
-            self.flush()?;
+        if self.buf.len() + data.len() <= self.buf.capacity() {
+            self.buf.extend_from_slice(data);
+            return Ok(data.len());
         }
-        if data.len() >= self.buf.capacity() {
+        if self.buf.is_empty() {
             // Large writes go straight through, as with `BufWriter`.
             return { self.sock }.write(data);
         }
-        self.buf.extend_from_slice(data);
-        Ok(data.len())
+        // What is buffered (a response head) and the start of a large body
+        // in one system call.
+        let buffered = self.buf.len();
+        let n =
+            { self.sock }.write_vectored(&[io::IoSlice::new(self.buf), io::IoSlice::new(data)])?;
+        if n <= buffered {
+            // Not past the buffered bytes: the rest of them, then the data.
+            self.buf.drain(..n);
+            return self.write(data);
+        }
+        self.buf.clear();
+        Ok(n - buffered)
     }
 
     fn flush(&mut self) -> io::Result<()> {

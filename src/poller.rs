@@ -65,12 +65,7 @@ pub struct Parked {
 }
 
 impl Parked {
-    fn new(
-        sock: TcpStream,
-        peer: SocketAddr,
-        pending: Vec<u8>,
-        away: Arc<AtomicBool>,
-    ) -> Parked {
+    fn new(sock: TcpStream, peer: SocketAddr, pending: Vec<u8>, away: Arc<AtomicBool>) -> Parked {
         let mut scan = HeadScan::default();
         if !pending.is_empty() {
             scan.ready(&pending);
@@ -435,7 +430,12 @@ impl<D: Dispatch> Running<D> {
         let deadline = Instant::now() + self.limits.header_timeout;
         // Bytes that came before the registration are reported by it.
         let away = Arc::new(AtomicBool::new(false));
-        self.park(token, Parked::new(sock, peer, Vec::new(), away), deadline, false);
+        self.park(
+            token,
+            Parked::new(sock, peer, Vec::new(), away),
+            deadline,
+            false,
+        );
     }
 
     fn park(&mut self, token: usize, conn: Parked, deadline: Instant, idle: bool) {

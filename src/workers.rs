@@ -14,7 +14,7 @@
 //! Knows nothing of HTTP: a job is whatever the handler takes.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,23 +36,18 @@ const WORKER_STACK_BYTES: usize = 256 * 1024;
 type Handler<J, W> = dyn Fn(J, &mut W) + Send + Sync;
 
 /// The jobs waiting for a worker: a queue under a mutex, and a condvar
-/// signalled only when a worker sleeps on it. Under load the next job
-/// comes within microseconds, so one idle worker at a time (the spinner)
-/// watches the queue for [`SPIN_MICROS`] before it sleeps, and takes the
-/// next job without a `futex` call either side. (A channel's receiver
-/// spins and yields: measured, four `sched_yield` per request; and a
-/// condvar's notify is a `futex` call whether anyone waits or not.)
+/// signalled only when a worker sleeps on it. (A channel's receiver spins
+/// and yields before it sleeps: measured, four `sched_yield` per request;
+/// and a condvar's notify is a `futex` call whether anyone waits or not.)
+/// A worker that finds the queue empty sleeps at once: letting one spin
+/// for 15 or 50 µs first saved the `futex` calls but cost more CPU than
+/// it gave back on a 2-core host (README, "Performance").
 struct JobQueue<J> {
     state: Mutex<QueueState<J>>,
     ready: Condvar,
     /// The queue's length, readable without the lock.
     len: AtomicUsize,
-    /// A worker is spinning on `len`: a new job needs no wake-up.
-    spinning: AtomicBool,
 }
-
-/// How long the spinner watches the queue before it sleeps.
-const SPIN_MICROS: u64 = 50;
 
 struct QueueState<J> {
     jobs: VecDeque<J>,
@@ -78,7 +73,6 @@ impl<J> JobQueue<J> {
             }),
             ready: Condvar::new(),
             len: AtomicUsize::new(0),
-            spinning: AtomicBool::new(false),
         }
     }
 
@@ -90,10 +84,8 @@ impl<J> JobQueue<J> {
         let wake = {
             let mut state = self.lock();
             state.jobs.push_back(job);
-            self.len.store(state.jobs.len(), Ordering::SeqCst);
-            // The spinner re-checks the queue under the lock before it
-            // sleeps, so a job pushed while it spins is never missed.
-            state.sleeping > 0 && !self.spinning.load(Ordering::SeqCst)
+            self.len.store(state.jobs.len(), Ordering::Relaxed);
+            state.sleeping > 0
         };
         if wake {
             self.ready.notify_one();
@@ -120,22 +112,6 @@ impl<J> JobQueue<J> {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Popped::TimedOut;
-            }
-            if self
-                .spinning
-                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-            {
-                drop(state);
-                let until = Instant::now() + Duration::from_micros(SPIN_MICROS);
-                while self.len.load(Ordering::SeqCst) == 0 && Instant::now() < until {
-                    std::hint::spin_loop();
-                }
-                self.spinning.store(false, Ordering::SeqCst);
-                state = self.lock();
-                if !state.jobs.is_empty() || state.closed {
-                    continue;
-                }
             }
             state.sleeping += 1;
             state = self
