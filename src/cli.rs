@@ -24,7 +24,7 @@ pub const DEFAULT_ETCD_KEY: &str = "/domains";
 /// Workers serving ordinary requests at once: a few per core keep the
 /// cores busy while some wait on backends (README, "Workers and
 /// connections").
-pub const DEFAULT_WORKERS: usize = 32;
+pub const DEFAULT_WORKERS: usize = 16;
 pub const MAX_WORKERS: usize = 65_536;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 pub const MAX_MAX_CONNECTIONS: usize = 1_048_576;
@@ -52,7 +52,7 @@ Flags (single dash works too: -etcdurl URL; so does --flag=value):
   --logurl URL              POST batches of JSON log lines to URL instead of stdout
   --max-connections N       open client connections at most; idle ones cost no thread (default 16384)
   --workers N               threads serving ordinary requests at once; one held by a slow
-                            request (over 100 ms) is replaced while others wait (default 32)
+                            request (over 100 ms) is replaced while others wait (default 16)
   --trusted-proxies CIDR[,CIDR...]
                             peers whose X-Forwarded-For/-Proto/-Host are kept (default: none)
 

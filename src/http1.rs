@@ -238,7 +238,7 @@ const MAX_CHUNK_LINE_BYTES: usize = 4096;
 /// Chunked trailers, all lines together (they are read and dropped).
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
 /// Response body copy buffer (one per connection, reused).
-pub const COPY_BUFFER_BYTES: usize = 32 * 1024;
+pub const COPY_BUFFER_BYTES: usize = 64 * 1024;
 
 /// A parsed request head.
 #[derive(Debug)]
