@@ -18,14 +18,14 @@ use crate::httpurl::HttpUrl;
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ETCD_URLS: &str = "http://127.0.0.1:2379,http://127.0.0.1:4001";
 pub const DEFAULT_ETCD_KEY: &str = "/domains";
-/// Open client connections, each served by its own thread (an idle one
-/// costs about 40 KiB); at the cap a new connection takes the place of an
-/// idle keep-alive one, or waits in the listen backlog.
 /// Workers serving ordinary requests at once: a few per core keep the
 /// cores busy while some wait on backends (README, "Workers and
 /// connections").
 pub const DEFAULT_WORKERS: usize = 16;
 pub const MAX_WORKERS: usize = 65_536;
+/// Open client connections at most: an idle one costs its socket and well
+/// under 1 KiB; at the cap a new connection takes the place of the longest
+/// idle keep-alive one, or waits in the listen backlog.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 pub const MAX_MAX_CONNECTIONS: usize = 1_048_576;
 pub const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 3;

@@ -2,7 +2,7 @@
 //!
 //! Data flows one way:
 //! etcd → `discovery` (one thread) → `routes::SharedTable` (whole immutable
-//! tables) → `server` workers → `proxy` → `backend`; every part sends log
+//! tables) → `poller` → `server` on `workers` → `proxy` → `backend`; every part sends log
 //! events down a bounded channel to the one `log` thread. `http1` is the
 //! wire format below both edges. The binary (`main.rs`) only wires these
 //! together; the library exists so that tests can start a server front, a
