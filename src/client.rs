@@ -265,6 +265,9 @@ impl Write for ClientWriter<'_> {
         let buffered = self.buf.len();
         let n =
             { self.sock }.write_vectored(&[io::IoSlice::new(self.buf), io::IoSlice::new(data)])?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
         if n <= buffered {
             // Not past the buffered bytes: the rest of them, then the data.
             self.buf.drain(..n);

@@ -505,6 +505,12 @@ impl<D: Dispatch> Running<D> {
                 Ok(n) => {
                     conn.pending.extend_from_slice(&self.buf[..n]);
                     if conn.scan.ready(&conn.pending) || conn.eof {
+                        // A full read may have left bytes whose edge is
+                        // spent: the worker's hand-back must then wake the
+                        // poller to read them.
+                        if n == self.buf.len() {
+                            conn.away.store(true, Ordering::SeqCst);
+                        }
                         return self.dispatch(token, conn);
                     }
                     // A short read emptied the socket: its next byte brings
