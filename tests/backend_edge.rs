@@ -482,3 +482,33 @@ fn a_backend_path_prefixes_the_target() {
         "{seen:?}"
     );
 }
+
+/// Requests pipelined in one write of more than the poller's 16 KiB read:
+/// the bytes left in the socket after the first full read are read when
+/// the connection comes back from its worker, not after the header
+/// timeout (5 s here; the client waits at most 3 s for each answer).
+#[test]
+fn pipelined_requests_past_one_read_are_all_answered() {
+    let backend = ScriptedBackend::start(ok);
+    let router = InProcessRouter::start(&[(HOST, &backend.url())]);
+    let filler = "x".repeat(200);
+    let count = 120;
+    let mut sent = Vec::new();
+    for i in 0..count {
+        sent.extend_from_slice(
+            format!("GET /{i} HTTP/1.1\r\nHost: {HOST}\r\nX-Filler: {filler}\r\n\r\n").as_bytes(),
+        );
+    }
+    assert!(sent.len() > 16 * 1024);
+    let mut conn = TcpStream::connect(router.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    conn.write_all(&sent).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let answers = |got: &[u8]| got.windows(12).filter(|w| w == b"HTTP/1.1 200").count();
+    while answers(&got) < count {
+        let n = conn.read(&mut buf).expect("an answer within 3 s");
+        assert!(n > 0, "closed after {} answers", answers(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
