@@ -12,6 +12,7 @@
 //! chunk) so the client can tell.
 
 use std::io::{self, BufRead, Read, Write};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Header fields as they came: each name and value the bytes sent, in
@@ -240,13 +241,118 @@ const MAX_TRAILER_BYTES: usize = 16 * 1024;
 /// Response body copy buffer (one per connection, reused).
 pub const COPY_BUFFER_BYTES: usize = 64 * 1024;
 
-/// A parsed request head.
-#[derive(Debug)]
-pub struct RequestHead {
+/// A request as the server front read it: the one request type from the
+/// parser to the backend edge. It carries the front's verdict, decided
+/// once when the head is parsed, so that no later step re-derives the
+/// framing or the kind of request.
+#[derive(Debug, Clone)]
+pub struct Request {
     pub method: String,
+    /// The request-target as received: origin-form (`/path?q`) or
+    /// absolute-form (`http://host/path?q`).
     pub target: String,
     pub version: HttpVersion,
     pub headers: Fields,
+    /// How the body is read; [`BodyFraming::None`] when the verdict
+    /// refuses the request, whose body is then never read.
+    pub framing: BodyFraming,
+    /// The client's address: the parser cannot know it, the front fills
+    /// it in.
+    pub peer: Option<SocketAddr>,
+    /// HTTP/1.0, or `Connection: close`: the connection ends after the
+    /// answer.
+    pub wants_close: bool,
+    /// `Expect: 100-continue` in HTTP/1.1: `100 Continue` goes out before
+    /// the body is read.
+    pub expects_continue: bool,
+    pub verdict: Verdict,
+}
+
+/// What the front does with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward it to a backend.
+    Forward,
+    /// A protocol upgrade (see [`Request::new`]): a tunnel after a `101`.
+    Upgrade,
+    /// The router answers it itself.
+    Refuse(Refusal),
+}
+
+/// A request the router answers itself, with the status and the reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub why: &'static str,
+    /// The request's end cannot be found (its framing was refused), so
+    /// nothing after it on the connection can be trusted: the connection
+    /// closes after the answer.
+    pub unreadable: bool,
+}
+
+impl Request {
+    /// Decides what the request is from its head: framing (refused when
+    /// ambiguous), expectations, upgrade or not.
+    pub fn new(method: String, target: String, version: HttpVersion, headers: Fields) -> Request {
+        let http11 = version == HttpVersion::Http11;
+        // HTTP/1.0 connections are not kept alive.
+        let wants_close =
+            !http11 || connection_tokens(&headers).any(|t| t.eq_ignore_ascii_case(b"close"));
+        // RFC 9110 §10.1.1: `100-continue` is the only expectation;
+        // HTTP/1.0 requests' expectations are ignored.
+        let (expects_continue, unmet_expectation) = {
+            let mut expect = headers.values("expect").map(trim_ows);
+            let (first, more) = (expect.next(), expect.next().is_some());
+            let only_continue =
+                !more && first.is_some_and(|e| e.eq_ignore_ascii_case(b"100-continue"));
+            (
+                http11 && only_continue,
+                http11 && first.is_some() && !only_continue,
+            )
+        };
+        let (framing, verdict) = match request_framing(version, &headers) {
+            Err(refusal) => (BodyFraming::None, Verdict::Refuse(refusal)),
+            Ok(framing) if unmet_expectation => (
+                framing,
+                Verdict::Refuse(Refusal {
+                    status: 417,
+                    why: "unsupported Expect",
+                    unreadable: false,
+                }),
+            ),
+            Ok(framing) if is_upgrade(version, framing, &headers) => (framing, Verdict::Upgrade),
+            Ok(framing) => (framing, Verdict::Forward),
+        };
+        Request {
+            method,
+            target,
+            version,
+            headers,
+            framing,
+            peer: None,
+            wants_close,
+            expects_continue,
+            verdict,
+        }
+    }
+
+    /// `HEAD`: methods are case-sensitive (RFC 9110 §9.1), `head` is not.
+    pub fn is_head(&self) -> bool {
+        self.method == "HEAD"
+    }
+}
+
+/// `Connection: Upgrade` with an `Upgrade` header, in HTTP/1.1 (RFC 9110
+/// §7.8), and no body: an upgrade request with a body is served as a plain
+/// request instead, which the RFC allows (the upgrade is optional), rather
+/// than interleaving the body with a new protocol.
+fn is_upgrade(version: HttpVersion, framing: BodyFraming, headers: &Fields) -> bool {
+    version == HttpVersion::Http11
+        && framing == BodyFraming::None
+        && headers
+            .get("upgrade")
+            .is_some_and(|v| !trim_ows(v).is_empty())
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(b"upgrade"))
 }
 
 #[derive(Debug)]
@@ -270,14 +376,14 @@ pub enum HeadError {
 }
 
 impl HeadError {
-    /// The status to answer with, if any answer is due.
-    pub fn status(&self) -> Option<u16> {
+    /// The status to answer with and why, if any answer is due.
+    pub fn answer(&self) -> Option<(u16, &str)> {
         match self {
             HeadError::Closed | HeadError::Idle | HeadError::Broken => None,
-            HeadError::LineTooLong => Some(414),
-            HeadError::TooLarge => Some(431),
-            HeadError::Timeout => Some(408),
-            HeadError::Malformed(_) => Some(400),
+            HeadError::LineTooLong => Some((414, "request line too long")),
+            HeadError::TooLarge => Some((431, "request head too large")),
+            HeadError::Timeout => Some((408, "request head not received in time")),
+            HeadError::Malformed(why) => Some((400, why)),
         }
     }
 }
@@ -315,7 +421,7 @@ pub fn read_head<R: BufRead>(
     reader: &mut R,
     head: &mut Vec<u8>,
     mut before_each_read: impl FnMut(bool) -> io::Result<()>,
-) -> Result<RequestHead, HeadError> {
+) -> Result<Request, HeadError> {
     head.clear();
     // Empty lines skipped before the request line: they start the head's
     // deadline (so sending one now and then cannot keep a connection open
@@ -469,7 +575,7 @@ fn bare_line_end() -> HeadError {
     HeadError::Malformed("bare CR or LF in the request head: lines must end in CRLF".into())
 }
 
-fn parse_head(head: &[u8]) -> Result<RequestHead, HeadError> {
+fn parse_head(head: &[u8]) -> Result<Request, HeadError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut fields);
     match req.parse(head) {
@@ -500,30 +606,27 @@ fn parse_head(head: &[u8]) -> Result<RequestHead, HeadError> {
     for h in req.headers.iter() {
         headers.push(h.name, h.value);
     }
-    Ok(RequestHead {
-        method: req.method.unwrap_or_default().to_string(),
-        target: req.path.unwrap_or_default().to_string(),
+    Ok(Request::new(
+        req.method.unwrap_or_default().to_string(),
+        req.path.unwrap_or_default().to_string(),
         version,
         headers,
-    })
+    ))
 }
 
-/// Why a request's framing is refused, with the status to answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BadFraming {
-    pub status: u16,
-    pub why: &'static str,
-}
-
-const fn bad_framing(status: u16, why: &'static str) -> BadFraming {
-    BadFraming { status, why }
+const fn bad_framing(status: u16, why: &'static str) -> Refusal {
+    Refusal {
+        status,
+        why,
+        unreadable: true,
+    }
 }
 
 /// Decides how the request body is framed (RFC 9112 §6). Anything
 /// ambiguous is refused, and the connection is closed after the answer: a
 /// proxy that reads a body differently from the hop before or after it is
 /// a request-smuggling vector.
-pub fn request_framing(version: HttpVersion, headers: &Fields) -> Result<BodyFraming, BadFraming> {
+fn request_framing(version: HttpVersion, headers: &Fields) -> Result<BodyFraming, Refusal> {
     let te: Vec<&[u8]> = headers.values("transfer-encoding").collect();
     let has_length = headers.get("content-length").is_some();
     if !te.is_empty() {
@@ -1104,7 +1207,7 @@ mod tests {
     use super::*;
     use std::io::{BufReader, Cursor};
 
-    fn head(raw: &[u8]) -> Result<RequestHead, HeadError> {
+    fn head(raw: &[u8]) -> Result<Request, HeadError> {
         read_head(
             &mut BufReader::new(Cursor::new(raw.to_vec())),
             &mut Vec::new(),

@@ -1,9 +1,9 @@
 //! One request in, one response out: host → route → backend, with the
 //! header rules of a forwarding proxy.
 //!
-//! Works on the project's own types ([`IncomingRequest`],
-//! [`ProxyResponse`]); the server front and the backend client are edges
-//! that convert. Header rules and the choice of backends (ejection, retry
+//! Works on the project's own types ([`Request`], as the server front
+//! parsed it, and [`ProxyResponse`]); the server front and the backend
+//! client are edges that convert. Header rules and the choice of backends (ejection, retry
 //! budget) live here and nowhere else. Never waits on etcd: the route table
 //! is a snapshot taken at the start of the request.
 //!
@@ -14,7 +14,6 @@
 use std::borrow::Cow;
 use std::io::Write as _;
 use std::io::{Cursor, Read};
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde_json::json;
@@ -23,7 +22,8 @@ use crate::backend::{BackendClient, BackendError, BackendRequest};
 use crate::cidr::Cidr;
 use crate::health::{AfterFailure, EjectPolicy, now_ms};
 use crate::http1::{
-    BodyFraming, Fields, HttpVersion, connection_tokens, fold_name_byte, name_folds_to, trim_ows,
+    BodyFraming, Fields, Refusal, Request, connection_tokens, fold_name_byte, name_folds_to,
+    trim_ows,
 };
 use crate::log::Logger;
 use crate::routes::{Backend, Domain, SharedTable, normalise_host};
@@ -41,20 +41,6 @@ const HOP_BY_HOP: &[&str] = &[
     "transfer-encoding",
     "upgrade",
 ];
-
-/// A client request as the server front parsed it.
-#[derive(Debug, Clone)]
-pub struct IncomingRequest {
-    pub method: String,
-    /// The request-target as received: origin-form (`/path?q`) or
-    /// absolute-form (`http://host/path?q`).
-    pub target: String,
-    pub version: HttpVersion,
-    pub headers: Fields,
-    pub peer: Option<SocketAddr>,
-    /// Decided by the server front, which reads the body.
-    pub framing: BodyFraming,
-}
 
 /// The answer to send to the client.
 pub struct ProxyResponse {
@@ -148,7 +134,7 @@ impl Proxy {
     }
 
     /// Checks the target and the host (RFC 9112 §3.2).
-    fn route<'r>(&self, req: &'r IncomingRequest) -> Result<Routed<'r>, Box<Outcome>> {
+    fn route<'r>(&self, req: &'r Request) -> Result<Routed<'r>, Box<Outcome>> {
         let Some(target) = RequestTarget::parse(&req.target) else {
             return Err(Box::new(refuse_unreadable(
                 400,
@@ -185,7 +171,7 @@ impl Proxy {
         })
     }
 
-    pub fn handle(&self, req: &IncomingRequest, body: &mut dyn Read) -> Outcome {
+    pub fn handle(&self, req: &Request, body: &mut dyn Read) -> Outcome {
         let routed = match self.route(req) {
             Ok(r) => r,
             Err(refused) => return *refused,
@@ -244,9 +230,10 @@ impl Proxy {
         }
     }
 
-    /// Sends an upgrade request (see [`is_upgrade`]) to a backend and
-    /// returns its answer, `101` or not, for the server front to pass on.
-    pub fn upgrade(&self, req: &IncomingRequest) -> Result<Upgraded, Box<Outcome>> {
+    /// Sends an upgrade request (of
+    /// [`Verdict::Upgrade`](crate::http1::Verdict::Upgrade)) to a backend
+    /// and returns its answer, `101` or not, for the server front to pass on.
+    pub fn upgrade(&self, req: &Request) -> Result<Upgraded, Box<Outcome>> {
         let routed = self.route(req)?;
         let mut headers = forward_headers(req, routed.raw_host, &self.settings.trusted_proxies);
         headers.push(("Connection", Cow::Borrowed(b"Upgrade")));
@@ -442,20 +429,6 @@ impl Read for ClientBody<'_> {
     }
 }
 
-/// `Connection: Upgrade` with an `Upgrade` header, in HTTP/1.1 (RFC 9110
-/// §7.8), and no body: an upgrade request with a body is served as a plain
-/// request instead, which the RFC allows (the upgrade is optional), rather
-/// than interleaving the body with a new protocol.
-pub fn is_upgrade(req: &IncomingRequest) -> bool {
-    req.version == HttpVersion::Http11
-        && req.framing == BodyFraming::None
-        && req
-            .headers
-            .get("upgrade")
-            .is_some_and(|v| !trim_ows(v).is_empty())
-        && connection_tokens(&req.headers).any(|t| t.eq_ignore_ascii_case(b"upgrade"))
-}
-
 /// `websocket` of `WebSocket/13`: the name of a protocol in an `Upgrade`
 /// list, version dropped.
 fn protocol_name(token: &[u8]) -> &[u8] {
@@ -555,7 +528,7 @@ fn is_hop_by_hop(name: &str, connection_tokens: &[&[u8]]) -> bool {
 ///
 /// Borrowed from the request: only `X-Forwarded-For` is a new string.
 pub fn forward_headers<'r>(
-    req: &'r IncomingRequest,
+    req: &'r Request,
     raw_host: &'r str,
     trusted: &[Cidr],
 ) -> Vec<(&'r str, Cow<'r, [u8]>)> {
@@ -653,6 +626,15 @@ fn backend_failure(host: &str, upstream: String, e: BackendError) -> Outcome {
     outcome
 }
 
+/// The router's answer to a request the front refused.
+pub fn refusal(r: Refusal, host: &str) -> Outcome {
+    if r.unreadable {
+        refuse_unreadable(r.status, r.why, host)
+    } else {
+        refuse(r.status, r.why, host)
+    }
+}
+
 /// An answer from the router itself, to a request it read as a whole: a
 /// short text body, and the connection may carry the next request.
 pub fn refuse(status: u16, why: &str, host: &str) -> Outcome {
@@ -686,16 +668,17 @@ pub fn refuse_unreadable(status: u16, why: &str, host: &str) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http1::{HttpVersion, Verdict};
 
-    fn req(headers: &[(&str, &str)]) -> IncomingRequest {
-        IncomingRequest {
-            method: "GET".into(),
-            target: "/".into(),
-            version: HttpVersion::Http11,
-            headers: Fields::from_pairs(headers),
-            peer: Some("192.0.2.7:5555".parse().unwrap()),
-            framing: BodyFraming::None,
-        }
+    fn req(headers: &[(&str, &str)]) -> Request {
+        let mut r = Request::new(
+            "GET".into(),
+            "/".into(),
+            HttpVersion::Http11,
+            Fields::from_pairs(headers),
+        );
+        r.peer = Some("192.0.2.7:5555".parse().unwrap());
+        r
     }
 
     fn names<N: AsRef<str>, V>(headers: &[(N, V)]) -> Vec<String> {
@@ -813,11 +796,24 @@ mod tests {
             ("Connection", "keep-alive, Upgrade"),
             ("Upgrade", "websocket"),
         ]);
-        assert!(is_upgrade(&r));
-        r.framing = BodyFraming::Sized(3);
-        assert!(!is_upgrade(&r), "a body: served as a plain request");
+        assert_eq!(r.verdict, Verdict::Upgrade);
+        r = req(&[
+            ("Host", "a.com"),
+            ("Connection", "Upgrade"),
+            ("Upgrade", "websocket"),
+            ("Content-Length", "3"),
+        ]);
+        assert_eq!(
+            r.verdict,
+            Verdict::Forward,
+            "a body: served as a plain request"
+        );
         let plain = req(&[("Host", "a.com"), ("Upgrade", "websocket")]);
-        assert!(!is_upgrade(&plain), "Upgrade without Connection: upgrade");
+        assert_eq!(
+            plain.verdict,
+            Verdict::Forward,
+            "Upgrade without Connection: upgrade"
+        );
         let back = switching_headers(&Fields::from_pairs(&[
             ("Upgrade", "websocket"),
             ("Connection", "upgrade"),
@@ -910,7 +906,7 @@ mod tests {
             },
             Logger::discard(),
         );
-        let status = |r: IncomingRequest| proxy.handle(&r, &mut std::io::empty()).response.status;
+        let status = |r: Request| proxy.handle(&r, &mut std::io::empty()).response.status;
         assert_eq!(status(req(&[])), 400);
         assert_eq!(status(req(&[("Host", "a.com"), ("Host", "b.com")])), 400);
         assert_eq!(status(req(&[("Host", "bad host")])), 400);

@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 
 use crate::client::{ClientBuffers, ClientReader, ClientSocket, ClientWriter};
 use crate::http1::{
-    self, BodyFraming, HeadError, HeadScan, HttpVersion, ResponseHead, connection_tokens,
+    self, BodyFraming, HeadError, HeadScan, HttpVersion, Request, ResponseHead, Verdict,
 };
 use crate::log::{Logger, RequestRecord};
 use crate::poller::{Back, Dispatch, Handback, Job, Parked, Poller, PollerLimits};
-use crate::proxy::{IncomingRequest, Outcome, Proxy, ProxyResponse};
+use crate::proxy::{Outcome, Proxy, ProxyResponse};
 use crate::tunnel;
 use crate::workers::Pool;
 
@@ -311,15 +311,8 @@ fn serve_turn(
 }
 
 fn answer_bad_head(writer: &mut impl Write, peer: SocketAddr, shared: &Shared, e: &HeadError) {
-    let Some(status) = e.status() else {
+    let Some((status, why)) = e.answer() else {
         return;
-    };
-    let why = match e {
-        HeadError::LineTooLong => "request line too long".to_string(),
-        HeadError::TooLarge => "request head too large".to_string(),
-        HeadError::Timeout => "request head not received in time".to_string(),
-        HeadError::Malformed(m) => m.clone(),
-        HeadError::Closed | HeadError::Idle | HeadError::Broken => return,
     };
     let started = Instant::now();
     // The same answer as every refusal of the router's own; no request to
@@ -329,7 +322,7 @@ fn answer_bad_head(writer: &mut impl Write, peer: SocketAddr, shared: &Shared, e
         headers,
         length,
         mut body,
-    } = crate::proxy::refuse_unreadable(status, &why, "").response;
+    } = crate::proxy::refuse_unreadable(status, why, "").response;
     let written = http1::write_response(
         writer,
         &ResponseHead {
@@ -348,7 +341,7 @@ fn answer_bad_head(writer: &mut impl Write, peer: SocketAddr, shared: &Shared, e
         duration_ms: started.elapsed().as_secs_f64() * 1000.0,
         bytes: written.body_bytes,
         client_ip: Some(peer.ip().to_string()),
-        error: Some(why),
+        error: Some(why.to_string()),
         ..RequestRecord::default()
     });
 }
@@ -360,7 +353,7 @@ enum After {
     /// The request body was not read: see [`LINGER_MAX_MILLIS`].
     LingerAndClose,
     /// An upgrade request, to be served by [`serve_upgrade`].
-    Upgrade(Box<(IncomingRequest, Instant)>),
+    Upgrade(Box<(Request, Instant)>),
 }
 
 fn linger_close(reader: &mut ClientReader<'_>) {
@@ -384,7 +377,7 @@ fn linger_close(reader: &mut ClientReader<'_>) {
 
 /// Serves one request whose head has been read.
 fn serve_request(
-    head: http1::RequestHead,
+    mut req: Request,
     reader: &mut ClientReader<'_>,
     writer: &mut ClientWriter<'_>,
     copy_buf: &mut Vec<u8>,
@@ -392,49 +385,25 @@ fn serve_request(
     shared: &Shared,
 ) -> After {
     let started = Instant::now();
-    let wants_close = match head.version {
-        HttpVersion::Http11 => {
-            connection_tokens(&head.headers).any(|t| t.eq_ignore_ascii_case(b"close"))
-        }
-        // HTTP/1.0 connections are not kept alive.
-        HttpVersion::Http10 => true,
+    req.peer = Some(peer);
+    let refused = match req.verdict {
+        Verdict::Upgrade => return After::Upgrade(Box::new((req, started))),
+        Verdict::Refuse(refusal) => Some(refusal),
+        Verdict::Forward => None,
     };
-    let framing = http1::request_framing(head.version, &head.headers);
-    let expect: Vec<&[u8]> = head.headers.values("expect").map(http1::trim_ows).collect();
-    // RFC 9110 §10.1.1: `100-continue` is the only expectation; HTTP/1.0
-    // requests' expectations are ignored.
-    let expects_continue = head.version == HttpVersion::Http11
-        && expect.len() == 1
-        && expect[0].eq_ignore_ascii_case(b"100-continue");
-    let unmet_expectation =
-        head.version == HttpVersion::Http11 && !expect.is_empty() && !expects_continue;
-
-    let incoming = IncomingRequest {
-        method: head.method,
-        target: head.target,
-        version: head.version,
-        headers: head.headers,
-        peer: Some(peer),
-        framing: framing.unwrap_or(BodyFraming::None),
-    };
-    if incoming.framing != BodyFraming::None {
+    if req.framing != BodyFraming::None {
         reader
             .socket()
             .set_read_timeout(Some(shared.settings.client_timeout));
     }
-    if framing.is_ok() && !unmet_expectation && crate::proxy::is_upgrade(&incoming) {
-        return After::Upgrade(Box::new((incoming, started)));
-    }
-
     // `100 Continue` goes straight to the socket (nothing is buffered in
     // the writer between requests).
-    let mut continue_sock = expects_continue.then(|| writer.socket());
+    let mut continue_sock = req.expects_continue.then(|| writer.socket());
     let (mut outcome, body_complete, body_error) = {
-        let mut body = http1::BodyReader::new(reader, incoming.framing, continue_sock.as_mut());
-        let outcome = match framing {
-            Err(bad) => crate::proxy::refuse_unreadable(bad.status, bad.why, ""),
-            Ok(_) if unmet_expectation => crate::proxy::refuse(417, "unsupported Expect", ""),
-            Ok(_) => shared.proxy.handle(&incoming, &mut body),
+        let mut body = http1::BodyReader::new(reader, req.framing, continue_sock.as_mut());
+        let outcome = match refused {
+            Some(refusal) => crate::proxy::refusal(refusal, ""),
+            None => shared.proxy.handle(&req, &mut body),
         };
         (outcome, body.is_complete(), body.error)
     };
@@ -454,14 +423,14 @@ fn serve_request(
     // Keep the connection only when its framing is beyond doubt: a refused
     // framing leaves the body's bytes unread, and reading them as the next
     // request is exactly request smuggling.
-    let unreadable = outcome.close || framing.is_err();
-    let keep_alive = !wants_close
+    let unreadable = outcome.close;
+    let keep_alive = !req.wants_close
         && !unreadable
         && body_complete
         && body_error.is_none()
         && !shared.stop.load(Ordering::SeqCst);
     let written = write_and_log(
-        incoming,
+        req,
         outcome,
         keep_alive,
         writer,
@@ -481,12 +450,12 @@ fn serve_request(
     }
 }
 
-/// Serves a request asking for a protocol upgrade (see
-/// [`crate::proxy::is_upgrade`]). After a `101` the connection is a tunnel
+/// Serves a request asking for a protocol upgrade
+/// ([`Verdict::Upgrade`]). After a `101` the connection is a tunnel
 /// until either side ends it; any other answer is passed on as usual. The
 /// connection is closed afterwards either way.
 fn serve_upgrade(
-    incoming: IncomingRequest,
+    incoming: Request,
     reader: &mut ClientReader<'_>,
     writer: &mut ClientWriter<'_>,
     (conn, started): (&Conn, Instant),
@@ -502,7 +471,7 @@ fn serve_upgrade(
         // client sent after its head (often already the new protocol) is
         // drained first.
         Ok(refused) => {
-            let outcome = refused.into_outcome(incoming.method == "HEAD");
+            let outcome = refused.into_outcome(incoming.is_head());
             write_and_log(incoming, outcome, false, writer, copy_buf, context, shared);
             linger_close(reader);
             return;
@@ -573,7 +542,7 @@ fn tunnel_socket(sock: &ClientSocket, shared: &Shared) -> io::Result<Arc<std::ne
 /// Writes an answer (the router's own or a backend's, already converted)
 /// and logs the request.
 fn write_and_log(
-    incoming: IncomingRequest,
+    incoming: Request,
     outcome: Outcome,
     keep_alive: bool,
     writer: &mut impl Write,
@@ -593,8 +562,7 @@ fn write_and_log(
             status,
             headers: &headers,
             length,
-            // Methods are case-sensitive (RFC 9110 §9.1): `head` is not HEAD.
-            head_only: incoming.method == "HEAD",
+            head_only: incoming.is_head(),
             version: incoming.version,
             keep_alive,
         },
@@ -626,7 +594,7 @@ struct Logged {
 
 fn log_request(
     shared: &Shared,
-    incoming: IncomingRequest,
+    incoming: Request,
     (peer, started): (SocketAddr, Instant),
     logged: Logged,
 ) {
