@@ -762,9 +762,11 @@ enum PooledBody {
     UntilClose(Buffered),
 }
 
-/// A backend's answer body. Once it has been read to its end, the
-/// connection goes back to the pool (if the answer allows reuse); dropped
-/// earlier, the connection is closed.
+/// A backend's answer body. As soon as it has been read to its end, the
+/// connection goes back to the pool (if the answer allows reuse), before
+/// the last bytes reach the client: the client's next request, on this
+/// connection or another, then finds it there. Dropped earlier, the
+/// connection is closed.
 struct AnswerBody {
     body: Option<PooledBody>,
     /// Where the connection goes when the body is done.
@@ -775,33 +777,16 @@ struct AnswerBody {
     timeout_was: Option<Duration>,
 }
 
-impl Read for AnswerBody {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if let Some(want) = self.read_timeout.take() {
-            let stream = match &self.body {
-                Some(PooledBody::Framed(r)) => r.get_ref().get_ref(),
-                Some(PooledBody::UntilClose(r)) => r.get_ref(),
-                None => return Ok(0),
-            };
-            set_read_timeout(stream, &mut self.timeout_was, want)?;
-        }
-        match &mut self.body {
-            Some(PooledBody::Framed(r)) => r.read(buf),
-            Some(PooledBody::UntilClose(r)) => r.read(buf),
-            None => Ok(0),
-        }
-    }
-}
-
-impl Drop for AnswerBody {
-    fn drop(&mut self) {
+impl AnswerBody {
+    /// Puts the connection back in the pool if its answer was read to the
+    /// very end, with nothing after it (bytes past the answer would be
+    /// read as the next answer's start); closes it otherwise.
+    fn release(&mut self) {
         let (Some((pool, authority)), Some(PooledBody::Framed(reader))) =
             (self.back_to.take(), self.body.take())
         else {
             return;
         };
-        // Only a body read to its very end, with nothing after it: bytes
-        // past the answer would be read as the next answer's start.
         if !reader.is_complete() || !reader.get_ref().buffer().is_empty() {
             return;
         }
@@ -815,6 +800,36 @@ impl Drop for AnswerBody {
                 reused: true,
             },
         );
+    }
+}
+
+impl Read for AnswerBody {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(want) = self.read_timeout.take() {
+            let stream = match &self.body {
+                Some(PooledBody::Framed(r)) => r.get_ref().get_ref(),
+                Some(PooledBody::UntilClose(r)) => r.get_ref(),
+                None => return Ok(0),
+            };
+            set_read_timeout(stream, &mut self.timeout_was, want)?;
+        }
+        match &mut self.body {
+            Some(PooledBody::Framed(r)) => {
+                let n = r.read(buf)?;
+                if r.is_complete() {
+                    self.release();
+                }
+                Ok(n)
+            }
+            Some(PooledBody::UntilClose(r)) => r.read(buf),
+            None => Ok(0),
+        }
+    }
+}
+
+impl Drop for AnswerBody {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
