@@ -454,8 +454,9 @@ fn request_head(req: &BackendRequest<'_>) -> Vec<u8> {
         }
         BodyFraming::None => {}
         BodyFraming::Sized(n) => {
-            // Writing to a Vec cannot fail.
-            let _ = write!(head, "Content-Length: {n}\r\n");
+            head.extend_from_slice(b"Content-Length: ");
+            head.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            head.extend_from_slice(b"\r\n");
         }
         BodyFraming::Chunked => head.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
     }

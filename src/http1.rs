@@ -1055,8 +1055,7 @@ pub fn write_response<W: Write>(
 
     let mut head: Vec<u8> = Vec::with_capacity(256);
     head.extend_from_slice(b"HTTP/1.1 ");
-    // Writing to a Vec cannot fail (and allocates nothing beyond it).
-    let _ = write!(head, "{}", resp.status);
+    head.extend_from_slice(itoa::Buffer::new().format(resp.status).as_bytes());
     head.push(b' ');
     head.extend_from_slice(reason(resp.status).as_bytes());
     head.extend_from_slice(b"\r\n");
@@ -1066,7 +1065,7 @@ pub fn write_response<W: Write>(
         // length of the body it stands for.
         if !matches!(resp.status, 100..=199 | 204) {
             head.extend_from_slice(b"Content-Length: ");
-            let _ = write!(head, "{n}");
+            head.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
             head.extend_from_slice(b"\r\n");
         }
     }

@@ -8,6 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +17,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use serde_json::{Map, Value};
+
+use crate::cidr::IpText;
 
 /// Events queued beyond this are dropped (and counted). At a few hundred
 /// bytes an event this bounds the queue to a few MiB.
@@ -49,7 +52,7 @@ pub struct RequestRecord {
     pub bytes: u64,
     /// Bytes the client sent through an upgraded connection (tunnels only).
     pub bytes_to_backend: Option<u64>,
-    pub client_ip: Option<String>,
+    pub client_ip: Option<IpAddr>,
     pub user_agent: Option<String>,
     /// Why the router answered itself (no route, backend down, …).
     pub error: Option<String>,
@@ -255,10 +258,9 @@ fn render_event(at: SystemTime, name: &str, fields: &Map<String, Value>) -> Stri
     line
 }
 
-/// Written straight into the line, without building a JSON value first:
-/// this runs once per request.
+/// Written straight into the line, without building a JSON value first
+/// and without `fmt` (numbers by `itoa`): this runs once per request.
 fn render_request(at: SystemTime, r: &RequestRecord) -> String {
-    use std::fmt::Write as _;
     let mut line = String::with_capacity(320);
     line.push_str("{\"timestamp\":\"");
     push_rfc3339(&mut line, at);
@@ -268,18 +270,25 @@ fn render_request(at: SystemTime, r: &RequestRecord) -> String {
     push_json_str(&mut line, &r.method);
     line.push_str(",\"path\":");
     push_json_str(&mut line, &r.path);
-    let _ = write!(line, ",\"status\":{},\"upstream\":", r.status);
+    line.push_str(",\"status\":");
+    line.push_str(itoa::Buffer::new().format(r.status));
+    line.push_str(",\"upstream\":");
     push_json_opt(&mut line, r.upstream.as_deref());
-    let duration = (r.duration_ms * 1000.0).round() / 1000.0;
-    if duration.is_finite() {
-        let _ = write!(line, ",\"duration_ms\":{duration}");
+    if r.duration_ms.is_finite() && r.duration_ms >= 0.0 {
+        line.push_str(",\"duration_ms\":");
+        push_millis(&mut line, r.duration_ms);
     }
-    let _ = write!(line, ",\"bytes\":{}", r.bytes);
+    line.push_str(",\"bytes\":");
+    line.push_str(itoa::Buffer::new().format(r.bytes));
     if let Some(n) = r.bytes_to_backend {
-        let _ = write!(line, ",\"bytes_to_backend\":{n}");
+        line.push_str(",\"bytes_to_backend\":");
+        line.push_str(itoa::Buffer::new().format(n));
     }
     line.push_str(",\"client_ip\":");
-    push_json_opt(&mut line, r.client_ip.as_deref());
+    match r.client_ip {
+        Some(ip) => push_json_str(&mut line, IpText::new(ip).as_str()),
+        None => line.push_str("null"),
+    }
     line.push_str(",\"user_agent\":");
     push_json_opt(&mut line, r.user_agent.as_deref());
     if let Some(e) = &r.error {
@@ -288,6 +297,34 @@ fn render_request(at: SystemTime, r: &RequestRecord) -> String {
     }
     line.push('}');
     line
+}
+
+/// Milliseconds to the microsecond, as a JSON number: `2`, `0.5`, `1.235`.
+fn push_millis(line: &mut String, ms: f64) {
+    // Finite and not negative (checked by the caller); saturates past
+    // 584,000 years.
+    let micros = (ms * 1000.0).round() as u64;
+    line.push_str(itoa::Buffer::new().format(micros / 1000));
+    let mut frac = micros % 1000;
+    if frac > 0 {
+        line.push('.');
+        let mut digits = 3;
+        while frac.is_multiple_of(10) {
+            frac /= 10;
+            digits -= 1;
+        }
+        push_padded(line, frac, digits);
+    }
+}
+
+/// `n` in decimal, zero-padded to `width` digits.
+fn push_padded(line: &mut String, n: u64, width: usize) {
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(n);
+    for _ in digits.len()..width {
+        line.push('0');
+    }
+    line.push_str(digits);
 }
 
 fn push_json_opt(line: &mut String, s: Option<&str>) {
@@ -331,19 +368,23 @@ pub fn rfc3339(at: SystemTime) -> String {
 
 /// [`rfc3339`], written into `line` (no allocation of its own).
 fn push_rfc3339(line: &mut String, at: SystemTime) {
-    use std::fmt::Write as _;
     let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
-    let _ = write!(
-        line,
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since.subsec_micros()
-    );
+    push_padded(line, y.max(0) as u64, 4);
+    for (sep, n, width) in [
+        ('-', u64::from(m), 2),
+        ('-', u64::from(d), 2),
+        ('T', rem / 3600, 2),
+        (':', rem % 3600 / 60, 2),
+        (':', rem % 60, 2),
+        ('.', u64::from(since.subsec_micros()), 6),
+    ] {
+        line.push(sep);
+        push_padded(line, n, width);
+    }
+    line.push('Z');
 }
 
 /// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian
@@ -555,7 +596,7 @@ mod tests {
             duration_ms: 1.23456,
             bytes: 7,
             bytes_to_backend: Some(3),
-            client_ip: Some("127.0.0.1".into()),
+            client_ip: Some([127, 0, 0, 1].into()),
             user_agent: Some(odd.into()),
             error: Some("backend \"down\"".into()),
         };
@@ -569,6 +610,17 @@ mod tests {
         assert_eq!(v["status"], 502);
         assert_eq!(v["upstream"], Value::Null);
         assert_eq!(v["duration_ms"], 1.235);
+        for (ms, text) in [
+            (2.0, "2"),
+            (0.5, "0.5"),
+            (0.0004, "0"),
+            (1.0005, "1.001"),
+            (10.02, "10.02"),
+        ] {
+            let mut line = String::new();
+            push_millis(&mut line, ms);
+            assert_eq!(line, text);
+        }
         assert_eq!(v["bytes"], 7);
         assert_eq!(v["bytes_to_backend"], 3);
         assert_eq!(v["error"], "backend \"down\"");

@@ -12,14 +12,13 @@
 //! backend twice, and only while the domain's retry budget allows.
 
 use std::borrow::Cow;
-use std::io::Write as _;
 use std::io::{Cursor, Read};
 use std::sync::Arc;
 
 use serde_json::json;
 
 use crate::backend::{BackendClient, BackendError, BackendRequest};
-use crate::cidr::Cidr;
+use crate::cidr::{Cidr, IpText};
 use crate::health::{AfterFailure, EjectPolicy, now_ms};
 use crate::http1::{
     BodyFraming, Fields, Refusal, Request, connection_tokens, fold_name_byte, name_folds_to,
@@ -578,8 +577,7 @@ pub fn forward_headers<'r>(
         if !xff.is_empty() {
             xff.extend_from_slice(b", ");
         }
-        // Writing to a Vec cannot fail.
-        let _ = write!(xff, "{}", peer.ip().to_canonical());
+        xff.extend_from_slice(IpText::new(peer.ip().to_canonical()).as_str().as_bytes());
     }
     if !xff.is_empty() {
         out.push(("X-Forwarded-For", Cow::Owned(xff)));

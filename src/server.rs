@@ -340,7 +340,7 @@ fn answer_bad_head(writer: &mut impl Write, peer: SocketAddr, shared: &Shared, e
         status,
         duration_ms: started.elapsed().as_secs_f64() * 1000.0,
         bytes: written.body_bytes,
-        client_ip: Some(peer.ip().to_string()),
+        client_ip: Some(peer.ip()),
         error: Some(why.to_string()),
         ..RequestRecord::default()
     });
@@ -607,7 +607,7 @@ fn log_request(
         duration_ms: started.elapsed().as_secs_f64() * 1000.0,
         bytes: logged.bytes,
         bytes_to_backend: logged.bytes_to_backend,
-        client_ip: Some(peer.ip().to_string()),
+        client_ip: Some(peer.ip()),
         user_agent: incoming
             .headers
             .get("user-agent")
