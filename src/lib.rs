@@ -18,6 +18,7 @@ pub mod health;
 pub mod http1;
 pub mod httpurl;
 pub mod log;
+pub mod memcpy;
 pub mod poller;
 pub mod proxy;
 pub mod routes;
