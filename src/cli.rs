@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cidr::Cidr;
+use crate::etcd::ApiChoice;
 use crate::health::EjectPolicy;
 use crate::httpurl::HttpUrl;
 
@@ -37,6 +38,7 @@ pub const DEFAULT_CLIENT_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_TUNNEL_TIMEOUT_SECS: u64 = 600;
 pub const DEFAULT_EJECT_AFTER: u32 = 3;
 pub const DEFAULT_EJECT_FOR_SECS: u64 = 10;
+pub const DEFAULT_RESYNC_INTERVAL_SECS: u64 = 300;
 
 pub const USAGE: &str = "\
 httprouter: host-based HTTP reverse proxy with routes discovered from etcd
@@ -48,6 +50,11 @@ Flags (single dash works too: -etcdurl URL; so does --flag=value):
   --etcdurl URL[,URL...]    etcd endpoints, tried in turn
                             (default http://127.0.0.1:2379,http://127.0.0.1:4001)
   --etcdkey KEY             etcd directory holding <domain>/<route-name> = backend URL (default /domains)
+  --etcd-api auto|v2|v3     etcd API (default auto: v3 if its store holds the routes, else v2 where
+                            etcd serves it, else v3)
+  --state-file PATH         keep the routes in PATH; serve from it when etcd cannot be reached at start
+  --resync-interval SECS    re-read all routes from etcd this often, repairing any drift
+                            (default 300, jittered; 0: never)
   --logfile PATH            append JSON log lines to PATH (created 0600) instead of stdout
   --logurl URL              POST batches of JSON log lines to URL instead of stdout
   --max-connections N       open client connections at most; idle ones cost no thread (default 16384)
@@ -99,6 +106,10 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub eject: EjectPolicy,
     pub trusted_proxies: Vec<Cidr>,
+    pub etcd_api: ApiChoice,
+    pub state_file: Option<PathBuf>,
+    /// Zero: no periodic re-read.
+    pub resync_interval: Duration,
 }
 
 /// What the command line asked for.
@@ -141,6 +152,9 @@ const FLAGS: &[&str] = &[
     "eject-after",
     "eject-for",
     "trusted-proxies",
+    "etcd-api",
+    "state-file",
+    "resync-interval",
 ];
 
 /// Go's flag package accepts `-name` as well as `--name`; pico-args only
@@ -191,6 +205,9 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Command, UsageError> {
     let eject_for = secs("--eject-for", DEFAULT_EJECT_FOR_SECS)?;
     let eject_after = string_flag(&mut args, "--eject-after")?;
     let trusted_proxies = string_flag(&mut args, "--trusted-proxies")?;
+    let etcd_api = string_flag(&mut args, "--etcd-api")?;
+    let state_file = string_flag(&mut args, "--state-file")?;
+    let resync_interval = string_flag(&mut args, "--resync-interval")?;
 
     let rest = args.finish();
     if let Some(first) = rest.first() {
@@ -250,6 +267,30 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Command, UsageError> {
                 .map(Cidr::parse)
                 .collect::<Result<_, _>>()
                 .map_err(|e| UsageError(format!("--trusted-proxies: {e}")))?,
+        },
+        etcd_api: match etcd_api.as_deref() {
+            None | Some("auto") => ApiChoice::Auto,
+            Some("v2") => ApiChoice::V2,
+            Some("v3") => ApiChoice::V3,
+            Some(other) => {
+                return Err(UsageError(format!(
+                    "--etcd-api '{other}': expected auto, v2 or v3"
+                )));
+            }
+        },
+        state_file: match state_file {
+            Some(p) if p.is_empty() => {
+                return Err(UsageError("--state-file: empty path".into()));
+            }
+            p => p.map(PathBuf::from),
+        },
+        resync_interval: match resync_interval.as_deref() {
+            Some("0") => Duration::ZERO,
+            _ => parse_secs(
+                "--resync-interval",
+                resync_interval,
+                DEFAULT_RESYNC_INTERVAL_SECS,
+            )?,
         },
     };
     Ok(Command::Run(config))

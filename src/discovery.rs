@@ -1,282 +1,66 @@
 //! Route discovery: the one thread that follows etcd and publishes route
 //! tables.
 //!
-//! Contract: keys `<etcdkey>/<domain>/<route-name>` hold a backend URL.
-//! Everything else under `<etcdkey>` is skipped with a `route.error` event;
-//! segments starting with `_` are etcd's hidden keys and are ignored
-//! silently (a live watch never shows them but a history replay does, so
-//! honouring them would make routes flicker).
+//! The loop, the same for v2 and v3 ([`crate::etcd::Api`]): a snapshot,
+//! then a watch from its revision, applying each change and publishing a
+//! new [`RouteTable`] in which only the changed domains are rebuilt.
+//! Routes are removed only by etcd's own answers, a watch event or a
+//! snapshot: an error, a timeout or an unreachable member leaves the table
+//! as it is. The rules (docs/etcd.md has the etcd behaviour behind them):
 //!
-//! The loop: snapshot, then long-poll from the snapshot's index, applying
-//! each change and publishing a whole new [`RouteTable`]. On any error the
-//! last table keeps serving; the loop backs off (capped at
-//! [`BACKOFF_MAX_MILLIS`]), moves to the next endpoint and resumes from the
-//! same index, so no change made during the gap is lost. When resuming is
-//! impossible (history cleared, store wiped) it takes a fresh snapshot and
-//! logs the difference. Nothing here knows about HTTP serving, and nothing
-//! from etcd can panic it.
+//! - The watch is read on a thread of its own, so this one sees silence.
+//!   Silence is normal (etcd sends nothing while nothing changes), so
+//!   after [`PROBE_QUIET_MILLIS`] of it a quorum read with a short timeout
+//!   asks the member whether it still answers for its cluster; a frozen or
+//!   cut-off member fails it and is left for the next endpoint, where the
+//!   watch resumes from the same revision, losing nothing.
+//! - History cleared, compacted or a store that went backwards: a fresh
+//!   snapshot and a watch from it, the difference logged.
+//! - Every `--resync-interval` (jittered) the whole directory is read again
+//!   and compared with the table; drift is repaired and logged (`etcd.sync`
+//!   says how much), so a watch that stalls silently cannot last.
+//! - With `--state-file`, the table and its revision are saved after
+//!   changes (at most once a second); a router that starts while etcd
+//!   cannot be reached serves from the file, then from etcd when it
+//!   answers.
+//!
+//! Route and etcd events go to the log's audit queue, which drops nothing.
 
-use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde_json::json;
 
-use crate::etcd_v2::{Change, EtcdV2, Snapshot, WaitOutcome, WatchIndex};
+use crate::etcd::{Api, ApiChoice, EtcdError, Recovery, Revision, Snapshot, Watch, Watched};
+use crate::etcd_v2::EtcdV2;
+use crate::etcd_v3::EtcdV3;
 use crate::log::Logger;
-use crate::routes::{Backend, RouteTable, SharedTable, normalise_host};
+use crate::route_set::{Diff, RouteSet};
+use crate::routes::SharedTable;
+use crate::state_file;
 
 pub const BACKOFF_MIN_MILLIS: u64 = 100;
 pub const BACKOFF_MAX_MILLIS: u64 = 5_000;
+/// A watch this quiet gets its member probed (see the module docs).
+pub const PROBE_QUIET_MILLIS: u64 = 3_000;
+/// The state file is written at most this often.
+const STATE_WRITE_MILLIS: u64 = 1_000;
+/// Changes a watch thread may queue before it waits for this one.
+const WATCH_QUEUE: usize = 64;
 
-/// One route as discovery knows it.
-#[derive(Debug, Clone, PartialEq)]
-struct Route {
-    domain: String,
-    backend: Arc<Backend>,
-}
-
-/// Every valid route, by etcd key. Owned by the discovery thread.
-#[derive(Debug, Default)]
-pub struct RouteSet {
-    /// `<etcdkey>` as configured (`/domains`, or empty for the root).
-    prefix: String,
-    routes: BTreeMap<String, Route>,
-}
-
-/// What a key under `<etcdkey>` is.
-#[derive(Debug, PartialEq)]
-enum KeyShape<'a> {
-    Route { domain: &'a str },
-    Hidden,
-    Other,
-}
-
-impl RouteSet {
-    pub fn new(prefix: &str) -> RouteSet {
-        RouteSet {
-            prefix: prefix.to_string(),
-            routes: BTreeMap::new(),
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.routes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
-    }
-
-    fn shape<'a>(&self, key: &'a str) -> KeyShape<'a> {
-        let Some(rest) = key
-            .strip_prefix(self.prefix.as_str())
-            .and_then(|r| r.strip_prefix('/'))
-        else {
-            return KeyShape::Other;
-        };
-        let segments: Vec<&str> = rest.split('/').collect();
-        if segments.iter().any(|s| s.starts_with('_')) {
-            return KeyShape::Hidden;
-        }
-        match segments.as_slice() {
-            [domain, name] if !domain.is_empty() && !name.is_empty() => KeyShape::Route { domain },
-            _ => KeyShape::Other,
-        }
-    }
-
-    /// Applies one change, logging what it did. Returns true when the set of
-    /// routes changed (a new table is needed).
-    pub fn apply(&mut self, change: &Change, log: &Logger) -> bool {
-        match change {
-            Change::Upsert { key, value } => self.upsert(key, value, log),
-            Change::DirCreated { .. } => false,
-            Change::Remove { key, dir, action } => {
-                if *dir {
-                    self.remove_dir(key, action, log)
-                } else {
-                    self.remove(key, action, log)
-                }
-            }
-            Change::Unknown { key, action } => {
-                log.event(
-                    "etcd.error",
-                    json!({"error": "unknown watch action, skipped", "action": action, "key": key}),
-                );
-                false
-            }
-        }
-    }
-
-    /// The route `key = value` names: `Ok(None)` for a hidden key, `Err`
-    /// with the reason for anything unusable.
-    fn parse_route(&self, key: &str, value: &str) -> Result<Option<Route>, String> {
-        match self.shape(key) {
-            KeyShape::Hidden => Ok(None),
-            KeyShape::Other => Err(format!(
-                "key is not of the form {}/<domain>/<route-name>",
-                self.prefix
-            )),
-            KeyShape::Route { domain } => {
-                let domain = normalise_host(domain)
-                    .ok_or_else(|| format!("'{domain}' is not a valid host name"))?;
-                let backend = Backend::parse(key, value)
-                    .map_err(|e| format!("value is not a usable backend URL: {e}"))?;
-                Ok(Some(Route {
-                    domain,
-                    backend: Arc::new(backend),
-                }))
-            }
-        }
-    }
-
-    fn upsert(&mut self, key: &str, value: &str, log: &Logger) -> bool {
-        let parsed = match self.parse_route(key, value) {
-            Ok(None) => return false,
-            Ok(Some(route)) => Ok(route),
-            Err(e) => Err(e),
-        };
-        match parsed {
-            Ok(route) => {
-                let previous = self.routes.insert(key.to_string(), route.clone());
-                match previous {
-                    None => {
-                        log.event(
-                            "route.add",
-                            json!({"key": key, "domain": route.domain, "url": route.backend.url}),
-                        );
-                        true
-                    }
-                    Some(old) if old == route => false,
-                    Some(old) => {
-                        log.event(
-                            "route.change",
-                            json!({"key": key, "domain": route.domain,
-                                   "url": route.backend.url, "previous_url": old.backend.url}),
-                        );
-                        true
-                    }
-                }
-            }
-            Err(error) => {
-                log.event(
-                    "route.error",
-                    json!({"key": key, "value": clip(value), "error": error}),
-                );
-                // The key no longer names a usable backend: stop sending
-                // traffic to what it named before.
-                self.remove(key, "invalid", log)
-            }
-        }
-    }
-
-    fn remove(&mut self, key: &str, reason: &str, log: &Logger) -> bool {
-        match self.routes.remove(key) {
-            Some(old) => {
-                log.event(
-                    "route.remove",
-                    json!({"key": key, "domain": old.domain, "url": old.backend.url, "reason": reason}),
-                );
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// A directory delete/expire arrives as one event for the whole subtree.
-    fn remove_dir(&mut self, dir: &str, reason: &str, log: &Logger) -> bool {
-        let dir = dir.trim_end_matches('/');
-        let under = format!("{dir}/");
-        let doomed: Vec<String> = self
-            .routes
-            .range(under.clone()..)
-            .take_while(|(k, _)| k.starts_with(&under))
-            .map(|(k, _)| k.clone())
-            .collect();
-        let mut changed = false;
-        for key in doomed {
-            changed |= self.remove(&key, reason, log);
-        }
-        changed
-    }
-
-    /// Replaces everything with a snapshot, logging the difference as
-    /// add/change/remove events.
-    pub fn replace(&mut self, snapshot: &Snapshot, log: &Logger) -> bool {
-        if snapshot.root_is_leaf {
-            log.event(
-                "route.error",
-                json!({"key": self.prefix, "error": "the etcd key is a value, not a directory: no routes"}),
-            );
-        }
-        let mut next: BTreeMap<String, Route> = BTreeMap::new();
-        for leaf in snapshot.leaves.iter().filter(|_| !snapshot.root_is_leaf) {
-            match self.parse_route(&leaf.key, &leaf.value) {
-                Ok(Some(route)) => {
-                    next.insert(leaf.key.clone(), route);
-                }
-                Ok(None) => {}
-                Err(error) => log.event(
-                    "route.error",
-                    json!({"key": leaf.key, "value": clip(&leaf.value), "error": error}),
-                ),
-            }
-        }
-        let mut changed = false;
-        for (key, old) in &self.routes {
-            if !next.contains_key(key) {
-                log.event(
-                    "route.remove",
-                    json!({"key": key, "domain": old.domain, "url": old.backend.url, "reason": "resync"}),
-                );
-                changed = true;
-            }
-        }
-        for (key, new) in &next {
-            match self.routes.get(key) {
-                None => {
-                    log.event(
-                        "route.add",
-                        json!({"key": key, "domain": new.domain, "url": new.backend.url}),
-                    );
-                    changed = true;
-                }
-                Some(old) if old != new => {
-                    log.event(
-                        "route.change",
-                        json!({"key": key, "domain": new.domain,
-                               "url": new.backend.url, "previous_url": old.backend.url}),
-                    );
-                    changed = true;
-                }
-                Some(_) => {}
-            }
-        }
-        self.routes = next;
-        changed
-    }
-
-    pub fn table(&self, previous: &RouteTable) -> RouteTable {
-        RouteTable::build(
-            self.routes
-                .values()
-                .map(|r| (r.domain.as_str(), Arc::clone(&r.backend))),
-            previous,
-        )
-    }
-}
-
-fn clip(value: &str) -> String {
-    const MAX: usize = 256;
-    if value.len() <= MAX {
-        return value.to_string();
-    }
-    let mut end = MAX;
-    while !value.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes)", &value[..end], value.len())
+/// Discovery's part of the command line.
+#[derive(Debug, Clone)]
+pub struct DiscoverySettings {
+    pub endpoints: Vec<String>,
+    /// Normalised: leading `/`, no trailing `/` (the root is empty).
+    pub etcd_key: String,
+    pub api: ApiChoice,
+    pub state_file: Option<PathBuf>,
+    /// The period of the full re-read; zero turns it off.
+    pub resync_interval: Duration,
 }
 
 /// Capped exponential backoff.
@@ -303,133 +87,395 @@ impl Backoff {
     }
 }
 
-/// The discovery thread's state machine.
+/// Why a watch session ended.
+enum Ended {
+    /// Reopen the watch on the same member (it went idle).
+    Reopen,
+    /// A failure, handled by [`Discovery::fail`].
+    Failed(EtcdError),
+    /// Time for the periodic re-read.
+    Resync,
+    Stopped,
+}
+
+/// The discovery thread's state.
 pub struct Discovery {
-    client: EtcdV2,
+    settings: DiscoverySettings,
+    api: Option<Box<dyn Api>>,
+    current: usize,
     routes: RouteSet,
+    /// Where the table is in etcd's history; `None` until a snapshot (a
+    /// table from the state file has none: it is replaced by etcd's view).
+    revision: Option<Revision>,
     table: Arc<SharedTable>,
     log: Logger,
     stop: Arc<AtomicBool>,
-}
-
-enum State {
-    NeedSnapshot,
-    Watching { last: WatchIndex },
+    backoff: Backoff,
+    /// Failures in a row, to know when every endpoint has failed once.
+    failures: usize,
+    state_loaded: bool,
+    /// Changes not yet in the state file.
+    unsaved: bool,
+    saved_at: Option<Instant>,
+    next_resync: Option<Instant>,
+    /// The watch has been announced (`etcd.listen`) since the last
+    /// snapshot or failure.
+    announced: bool,
 }
 
 impl Discovery {
     pub fn new(
-        endpoints: Vec<String>,
-        etcd_key: &str,
+        settings: DiscoverySettings,
         table: Arc<SharedTable>,
         log: Logger,
         stop: Arc<AtomicBool>,
     ) -> Discovery {
         Discovery {
-            client: EtcdV2::new(endpoints, etcd_key),
-            routes: RouteSet::new(etcd_key),
+            routes: RouteSet::new(&settings.etcd_key),
+            settings,
+            api: None,
+            current: 0,
+            revision: None,
             table,
             log,
             stop,
+            backoff: Backoff::new(),
+            failures: 0,
+            state_loaded: false,
+            unsaved: false,
+            saved_at: None,
+            next_resync: None,
+            announced: false,
         }
     }
 
-    fn publish(&self) {
-        let previous = self.table.load();
-        self.table.store(self.routes.table(&previous));
+    fn endpoint(&self) -> String {
+        self.settings
+            .endpoints
+            .get(self.current)
+            .cloned()
+            .unwrap_or_default()
     }
 
-    /// Runs until `stop` is set (checked between etcd calls; an idle wait
-    /// can hold the thread for up to the watch idle timeout, so the caller
-    /// does not join it).
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Runs until `stop` is set (checked at least every
+    /// [`PROBE_QUIET_MILLIS`]; a snapshot in progress can hold the thread
+    /// for its timeout, so the caller does not join it).
     pub fn run(mut self) {
-        let mut state = State::NeedSnapshot;
-        let mut backoff = Backoff::new();
-        while !self.stop.load(Ordering::Relaxed) {
-            state = match state {
-                State::NeedSnapshot => match self.client.snapshot() {
-                    Ok(snapshot) => {
-                        if self.routes.replace(&snapshot, &self.log) {
-                            self.publish();
-                        }
-                        self.log.event(
-                            "etcd.listen",
-                            json!({"endpoint": self.client.endpoint(), "index": snapshot.index,
-                                   "routes": self.routes.len()}),
-                        );
-                        backoff.reset();
-                        State::Watching {
-                            last: snapshot.index,
-                        }
+        while !self.stopped() {
+            let step = match (self.api.is_some(), self.revision) {
+                (false, _) => self.choose_api().map(|api| {
+                    self.api = Some(api);
+                }),
+                (true, None) => self.sync("start"),
+                (true, Some(revision)) => match self.follow(revision) {
+                    Ended::Reopen => Ok(()),
+                    Ended::Stopped => break,
+                    Ended::Resync => {
+                        // Not again at once should this one fail.
+                        self.next_resync = self.resync_deadline();
+                        self.sync("anti_entropy")
                     }
-                    Err(e) => {
-                        self.fail(&e, &mut backoff, None);
-                        State::NeedSnapshot
-                    }
-                },
-                State::Watching { last } => match self.client.wait(last.saturating_add(1)) {
-                    Ok(WaitOutcome::Event(event)) => {
-                        backoff.reset();
-                        if self.routes.apply(&event.change, &self.log) {
-                            self.publish();
-                        }
-                        State::Watching {
-                            last: last.max(event.modified_index),
-                        }
-                    }
-                    Ok(WaitOutcome::Idle { etcd_index }) => {
-                        // A member that lost its cluster still answers a new
-                        // wait, then stays silent: moving on after every
-                        // quiet period keeps one from holding us forever.
-                        self.client.rotate();
-                        State::Watching {
-                            last: last.max(etcd_index.unwrap_or(last)),
-                        }
-                    }
-                    Ok(WaitOutcome::HistoryCleared { detail }) => {
-                        self.log.event(
-                            "etcd.resync",
-                            json!({"endpoint": self.client.endpoint(), "reason": "history_cleared",
-                                   "wait_index": last.saturating_add(1), "detail": detail}),
-                        );
-                        State::NeedSnapshot
-                    }
-                    Ok(WaitOutcome::StoreReset {
-                        etcd_index,
-                        wait_index,
-                    }) => {
-                        self.log.event(
-                            "etcd.resync",
-                            json!({"endpoint": self.client.endpoint(), "reason": "index_went_backwards",
-                                   "etcd_index": etcd_index, "wait_index": wait_index}),
-                        );
-                        State::NeedSnapshot
-                    }
-                    Err(e) => {
-                        self.fail(&e, &mut backoff, Some(last.saturating_add(1)));
-                        State::Watching { last }
-                    }
+                    Ended::Failed(e) => Err(e),
                 },
             };
+            match step {
+                Ok(()) => {}
+                Err(e) if e.recovery == Recovery::Resync => {
+                    self.log.audit(
+                        "etcd.resync",
+                        json!({"endpoint": e.endpoint, "reason": e.kind, "detail": e.detail,
+                               "revision": self.revision}),
+                    );
+                    self.revision = None;
+                    sleep_unless_stopped(self.backoff.step(), &self.stop);
+                }
+                Err(e) => self.fail(&e),
+            }
+        }
+        self.save_state(true);
+    }
+
+    /// `--etcd-api auto`: v3 if the member's v3 store has keys under the
+    /// directory; else v2 if the member serves v2 (etcd has served it only
+    /// when started with `--enable-v2` since 3.4, and 3.4 and 3.5 keep
+    /// the two stores apart, so a cluster with v2 on is one whose routes
+    /// are written through v2, as the original tool's were); else v3.
+    fn choose_api(&mut self) -> Result<Box<dyn Api>, EtcdError> {
+        let key = self.settings.etcd_key.clone();
+        let (api, reason): (Box<dyn Api>, String) = match self.settings.api {
+            ApiChoice::V2 => (Box::new(EtcdV2::new(&key)), "--etcd-api v2".into()),
+            ApiChoice::V3 => (Box::new(EtcdV3::new(&key)), "--etcd-api v3".into()),
+            ApiChoice::Auto => {
+                let endpoint = self.endpoint();
+                let v3 = EtcdV3::new(&key).detect(&endpoint)?;
+                let v2 = EtcdV2::new(&key).detect(&endpoint)?;
+                match (v3, v2) {
+                    (Some(true), Some(true)) => (
+                        Box::new(EtcdV3::new(&key)),
+                        format!("both the v2 and the v3 store hold keys under {key}/: v3 (--etcd-api v2 to use v2)"),
+                    ),
+                    (Some(true), _) => (Box::new(EtcdV3::new(&key)), format!("the v3 store holds keys under {key}/")),
+                    (_, Some(_)) => (
+                        Box::new(EtcdV2::new(&key)),
+                        "etcd serves the v2 API (started with --enable-v2) and its v3 store has nothing under the key".into(),
+                    ),
+                    (Some(false), None) => (Box::new(EtcdV3::new(&key)), "etcd does not serve the v2 API".into()),
+                    (None, None) => {
+                        return Err(EtcdError::new(
+                            &endpoint,
+                            "v3_unavailable",
+                            "serves neither the v2 API nor the v3 JSON gateway",
+                        ));
+                    }
+                }
+            }
+        };
+        self.log.audit(
+            "etcd.api",
+            json!({"endpoint": self.endpoint(), "api": api.name(), "reason": reason}),
+        );
+        Ok(api)
+    }
+
+    /// A whole new snapshot, compared with the table: the difference is
+    /// applied and logged, and `etcd.sync` says where the table stands.
+    fn sync(&mut self, reason: &str) -> Result<(), EtcdError> {
+        let endpoint = self.endpoint();
+        let Some(api) = &self.api else {
+            return Ok(());
+        };
+        let Snapshot {
+            revision,
+            leaves,
+            root_is_leaf,
+        } = api.snapshot(&endpoint)?;
+        let removal = if reason == "start" { "resync" } else { reason };
+        let diff = self.routes.replace(&leaves, root_is_leaf, removal);
+        drop(leaves);
+        self.publish(&diff, Some(revision));
+        self.revision = Some(revision);
+        self.announced = false;
+        self.backoff.reset();
+        self.failures = 0;
+        self.log.audit(
+            "etcd.sync",
+            json!({"endpoint": endpoint, "api": self.api_name(), "reason": reason,
+                   "revision": revision, "domains": self.routes.domains(),
+                   "routes": self.routes.len(), "digest": self.routes.digest(),
+                   "drift": if reason == "anti_entropy" { diff.changes() } else { 0 }}),
+        );
+        self.next_resync = self.resync_deadline();
+        self.save_state(false);
+        Ok(())
+    }
+
+    fn api_name(&self) -> &'static str {
+        self.api.as_ref().map_or("", |a| a.name())
+    }
+
+    /// The next full re-read: the interval, give or take a fifth, so a
+    /// fleet of routers started together does not read together.
+    fn resync_deadline(&self) -> Option<Instant> {
+        let every = self.settings.resync_interval;
+        if every.is_zero() {
+            return None;
+        }
+        // Jitter from the clock's nanoseconds and the pid: no RNG needed.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos()
+            ^ std::process::id().wrapping_mul(2_654_435_761);
+        let factor = 0.8 + f64::from(seed % 1000) / 2500.0;
+        Some(Instant::now() + every.mul_f64(factor))
+    }
+
+    /// Applies a diff to the table, logs it and marks the state unsaved.
+    fn publish(&mut self, diff: &Diff, revision: Option<Revision>) {
+        diff.log(&self.log, revision);
+        if diff.changes() > 0 {
+            let previous = self.table.load();
+            self.table.store(self.routes.table(&previous, diff));
+        }
+        self.unsaved |= diff.changes() > 0 || self.saved_at.is_none();
+    }
+
+    /// Watches from `revision` until the watch ends, fails or is given up.
+    fn follow(&mut self, revision: Revision) -> Ended {
+        let endpoint = self.endpoint();
+        let Some(api) = &self.api else {
+            return Ended::Reopen;
+        };
+        let watch = match api.watch(&endpoint, revision) {
+            Ok(w) => w,
+            Err(e) => return Ended::Failed(e),
+        };
+        if !self.announced {
+            self.log.audit(
+                "etcd.listen",
+                json!({"endpoint": endpoint, "api": self.api_name(), "revision": revision,
+                       "index": revision, "routes": self.routes.len()}),
+            );
+            self.announced = true;
+        }
+        let events = spawn_reader(watch);
+        let mut quiet_since = Instant::now();
+        loop {
+            if self.stopped() {
+                return Ended::Stopped;
+            }
+            self.save_state(false);
+            if self.next_resync.is_some_and(|t| Instant::now() >= t) {
+                return Ended::Resync;
+            }
+            let wait = Duration::from_millis(PROBE_QUIET_MILLIS)
+                .saturating_sub(quiet_since.elapsed())
+                .min(Duration::from_millis(STATE_WRITE_MILLIS / 2));
+            match events.recv_timeout(wait) {
+                Ok(Ok(Watched::Events(batch))) => {
+                    quiet_since = Instant::now();
+                    self.backoff.reset();
+                    self.failures = 0;
+                    let mut diff = Diff::default();
+                    let mut last = self.revision.unwrap_or(revision);
+                    for event in &batch {
+                        self.routes.apply(&event.change, &mut diff);
+                        last = last.max(event.revision);
+                    }
+                    self.revision = Some(last);
+                    self.publish(&diff, Some(last));
+                }
+                Ok(Ok(Watched::Progress(at))) => {
+                    quiet_since = Instant::now();
+                    self.revision = Some(self.revision.unwrap_or(revision).max(at));
+                }
+                Ok(Ok(Watched::Idle)) => return Ended::Reopen,
+                Ok(Err(e)) => return Ended::Failed(e),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Ended::Failed(EtcdError::new(
+                        &endpoint,
+                        "stream_ended",
+                        "the watch thread ended",
+                    ));
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if quiet_since.elapsed() < Duration::from_millis(PROBE_QUIET_MILLIS) {
+                        continue;
+                    }
+                    // Silent for a while: is the member still there?
+                    let Some(api) = &self.api else {
+                        return Ended::Reopen;
+                    };
+                    if let Err(e) = api.probe(&endpoint) {
+                        return Ended::Failed(e);
+                    }
+                    quiet_since = Instant::now();
+                }
+            }
         }
     }
 
-    fn fail(
-        &mut self,
-        e: &crate::etcd_v2::EtcdError,
-        backoff: &mut Backoff,
-        wait_index: Option<WatchIndex>,
-    ) {
-        let delay = backoff.step();
-        self.log.event(
+    /// Logs the failure, moves to the next endpoint and backs off. Loads
+    /// the state file once every endpoint has failed and no table came
+    /// from etcd yet.
+    fn fail(&mut self, e: &EtcdError) {
+        let delay = self.backoff.step();
+        self.failures += 1;
+        self.log.audit(
             "etcd.error",
-            json!({"endpoint": e.endpoint(), "kind": e.kind(), "error": e.to_string(),
-                   "wait_index": wait_index, "retry_in_ms": delay.as_millis() as u64,
-                   "routes": self.routes.len()}),
+            json!({"endpoint": e.endpoint, "kind": e.kind, "error": e.to_string(),
+                   "revision": self.revision, "wait_index": self.revision.map(|r| r + 1),
+                   "retry_in_ms": delay.as_millis() as u64, "routes": self.routes.len()}),
         );
-        self.client.rotate();
+        self.announced = false;
+        self.current = (self.current + 1) % self.settings.endpoints.len().max(1);
+        if self.revision.is_none() && self.failures >= self.settings.endpoints.len() {
+            self.load_state();
+        }
         sleep_unless_stopped(delay, &self.stop);
     }
+
+    fn load_state(&mut self) {
+        let Some(path) = self.settings.state_file.clone() else {
+            return;
+        };
+        if std::mem::replace(&mut self.state_loaded, true) {
+            return;
+        }
+        match state_file::load(&path, &self.settings.etcd_key) {
+            Ok(saved) => {
+                let diff = self.routes.replace(&saved.leaves, false, "state_file");
+                self.publish(&diff, None);
+                // Nothing new to save: this is what the file says.
+                self.unsaved = false;
+                self.log.audit(
+                    "state.load",
+                    json!({"path": path, "api": saved.api, "revision": saved.revision,
+                           "saved_at": saved.saved_at, "domains": self.routes.domains(),
+                           "routes": self.routes.len(), "digest": self.routes.digest()}),
+                );
+            }
+            Err(why) => self.log.audit(
+                "state.error",
+                json!({"path": path, "error": format!("state file ignored: {why}")}),
+            ),
+        }
+    }
+
+    /// Writes the state file if there are unsaved changes and the last
+    /// write is old enough (or `now`).
+    fn save_state(&mut self, now: bool) {
+        let (Some(path), Some(revision)) = (&self.settings.state_file, self.revision) else {
+            return;
+        };
+        if !self.unsaved
+            || (!now
+                && self
+                    .saved_at
+                    .is_some_and(|t| t.elapsed() < Duration::from_millis(STATE_WRITE_MILLIS)))
+        {
+            return;
+        }
+        self.saved_at = Some(Instant::now());
+        match state_file::save(
+            path,
+            self.api_name(),
+            &self.settings.etcd_key,
+            revision,
+            self.routes.leaves(),
+        ) {
+            Ok(()) => self.unsaved = false,
+            Err(e) => self.log.event(
+                "state.error",
+                json!({"path": path, "error": format!("cannot write the state file: {e}")}),
+            ),
+        }
+    }
+}
+
+/// Reads `watch` on a thread of its own until it ends. A watch given up
+/// (its receiver dropped) ends at its next message or idle timeout.
+fn spawn_reader(mut watch: Box<dyn Watch>) -> Receiver<Result<Watched, EtcdError>> {
+    let (tx, rx) = crossbeam_channel::bounded(WATCH_QUEUE);
+    let spawned = std::thread::Builder::new()
+        .name("etcd-watch".into())
+        .spawn(move || {
+            loop {
+                let next = watch.next();
+                let more = matches!(next, Ok(Watched::Events(_) | Watched::Progress(_)));
+                if tx.send(next).is_err() || !more {
+                    return;
+                }
+            }
+        });
+    // Without a thread, the receiver reports disconnection at once: a
+    // failure like any other, and the next try comes after a backoff.
+    drop(spawned);
+    rx
 }
 
 fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) {
@@ -444,129 +490,6 @@ fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::etcd_v2::Leaf;
-
-    fn upsert(key: &str, value: &str) -> Change {
-        Change::Upsert {
-            key: key.into(),
-            value: value.into(),
-        }
-    }
-
-    fn remove(key: &str, dir: bool) -> Change {
-        Change::Remove {
-            key: key.into(),
-            dir,
-            action: "delete".into(),
-        }
-    }
-
-    fn hosts(set: &RouteSet) -> Vec<(String, String)> {
-        set.routes
-            .iter()
-            .map(|(k, r)| (k.clone(), r.domain.clone()))
-            .collect()
-    }
-
-    #[test]
-    fn key_shapes() {
-        let set = RouteSet::new("/domains");
-        assert_eq!(
-            set.shape("/domains/a.com/web"),
-            KeyShape::Route { domain: "a.com" }
-        );
-        assert_eq!(set.shape("/domains/a.com/_hidden"), KeyShape::Hidden);
-        assert_eq!(set.shape("/domains/_a.com/web"), KeyShape::Hidden);
-        assert_eq!(set.shape("/domains/a.com"), KeyShape::Other);
-        assert_eq!(set.shape("/domains/a.com/x/y"), KeyShape::Other);
-        assert_eq!(set.shape("/domainsX/a.com/web"), KeyShape::Other);
-        assert_eq!(set.shape("/domains"), KeyShape::Other);
-        let root = RouteSet::new("");
-        assert_eq!(
-            root.shape("/a.com/web"),
-            KeyShape::Route { domain: "a.com" }
-        );
-    }
-
-    #[test]
-    fn upsert_change_remove() {
-        let log = Logger::discard();
-        let mut set = RouteSet::new("/domains");
-        assert!(set.apply(&upsert("/domains/A.com./web", "http://127.0.0.1:1"), &log));
-        assert_eq!(
-            hosts(&set),
-            [("/domains/A.com./web".into(), "a.com".into())]
-        );
-        // Same value again (a TTL renewal with set): nothing changes.
-        assert!(!set.apply(&upsert("/domains/A.com./web", "http://127.0.0.1:1"), &log));
-        assert!(set.apply(&upsert("/domains/A.com./web", "http://127.0.0.1:2"), &log));
-        assert!(set.apply(&remove("/domains/A.com./web", false), &log));
-        assert!(set.is_empty());
-        assert!(!set.apply(&remove("/domains/A.com./web", false), &log));
-    }
-
-    #[test]
-    fn bad_values_and_keys_are_skipped_and_remove_the_old_route() {
-        let log = Logger::discard();
-        let mut set = RouteSet::new("/domains");
-        assert!(!set.apply(&upsert("/domains/a.com", "http://127.0.0.1:1"), &log));
-        assert!(!set.apply(&upsert("/domains/a.com/x/y", "http://127.0.0.1:1"), &log));
-        assert!(!set.apply(&upsert("/domains/sp ace.com/r", "http://127.0.0.1:1"), &log));
-        assert!(!set.apply(&upsert("/domains/a.com/_h", "http://127.0.0.1:1"), &log));
-        assert!(set.is_empty());
-        set.apply(&upsert("/domains/a.com/r", "http://127.0.0.1:1"), &log);
-        assert!(set.apply(&upsert("/domains/a.com/r", "garbage"), &log));
-        assert!(set.is_empty());
-    }
-
-    #[test]
-    fn directory_removal_removes_the_subtree_only() {
-        let log = Logger::discard();
-        let mut set = RouteSet::new("/domains");
-        for key in [
-            "/domains/a.com/1",
-            "/domains/a.com/2",
-            "/domains/a.com.evil/1",
-            "/domains/b.com/1",
-        ] {
-            set.apply(&upsert(key, "http://127.0.0.1:1"), &log);
-        }
-        assert!(set.apply(&remove("/domains/a.com", true), &log));
-        let keys: Vec<_> = set.routes.keys().cloned().collect();
-        assert_eq!(keys, ["/domains/a.com.evil/1", "/domains/b.com/1"]);
-        assert!(set.apply(&remove("/domains", true), &log));
-        assert!(set.is_empty());
-    }
-
-    #[test]
-    fn snapshot_replaces_and_reports_the_difference() {
-        let log = Logger::discard();
-        let mut set = RouteSet::new("/domains");
-        set.apply(&upsert("/domains/a.com/1", "http://127.0.0.1:1"), &log);
-        set.apply(&upsert("/domains/a.com/2", "http://127.0.0.1:2"), &log);
-        let snap = Snapshot {
-            index: 10,
-            leaves: vec![
-                Leaf {
-                    key: "/domains/a.com/2".into(),
-                    value: "http://127.0.0.1:2".into(),
-                },
-                Leaf {
-                    key: "/domains/b.com/1".into(),
-                    value: "http://127.0.0.1:3".into(),
-                },
-                Leaf {
-                    key: "/domains/bad".into(),
-                    value: "http://127.0.0.1:3".into(),
-                },
-            ],
-            root_is_leaf: false,
-        };
-        assert!(set.replace(&snap, &log));
-        let keys: Vec<_> = set.routes.keys().cloned().collect();
-        assert_eq!(keys, ["/domains/a.com/2", "/domains/b.com/1"]);
-        assert!(!set.replace(&snap, &log));
-    }
 
     #[test]
     fn backoff_is_capped() {

@@ -1,178 +1,59 @@
-//! etcd's v2 keys API over HTTP: one recursive snapshot, one long-poll wait.
+//! etcd's v2 keys API over HTTP: one recursive snapshot, long-poll waits,
+//! a quorum read as a probe ([`crate::etcd::Api`]).
 //!
 //! Owns the wire protocol only (URLs, status codes, `X-Etcd-Index`, JSON
 //! shapes) and turns every answer into a typed result; what to do with it is
-//! `discovery`'s business. The behaviour relied on here was measured on etcd
-//! 3.4, and each piece of it is described where the code depends on it.
+//! `discovery`'s business. The behaviour relied on is in `docs/etcd.md`
+//! ("v2"), measured on etcd 3.4.
 
-use std::fmt;
 use std::io::Read;
 use std::time::Duration;
 
 use serde_json::Value;
 
-/// A wait that receives no byte for this long is re-issued: etcd sends
-/// nothing at all on an idle wait, and a frozen member accepts
-/// connections but never answers.
+use crate::etcd::{Api, Change, EtcdError, Event, Leaf, Revision, Snapshot, Watch, Watched};
+
+/// A wait that receives no byte for this long ends, and the next one
+/// starts from where it left off: etcd sends nothing at all on an idle
+/// wait. (Frozen members are found by the probe long before this.)
 pub const WATCH_IDLE_TIMEOUT_SECS: u64 = 60;
 /// A snapshot must arrive within this; a member without quorum answers a
 /// `quorum=true` read with a 500 after about 7 s.
 pub const SNAPSHOT_TIMEOUT_SECS: u64 = 15;
+/// The probe's whole exchange; a healthy member answers in milliseconds.
+pub const PROBE_TIMEOUT_MILLIS: u64 = 2_500;
 const CONNECT_TIMEOUT_SECS: u64 = 3;
 /// No sane route tree is this large; the cap keeps a hostile value from
 /// eating the host's memory. etcd itself stores values up to 10 MiB.
 const MAX_BODY_BYTES: u64 = 256 * 1024 * 1024;
 
-/// etcd's index: a cluster-wide counter of writes.
-pub type WatchIndex = u64;
-
-/// A route-tree leaf: full key and value.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Leaf {
-    pub key: String,
-    pub value: String,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Snapshot {
-    /// `X-Etcd-Index` of the answer: watch from here + 1 (never a node's
-    /// `modifiedIndex`, which lags behind writes elsewhere).
-    pub index: WatchIndex,
-    pub leaves: Vec<Leaf>,
-    /// The key exists but is a plain value, not a directory.
-    pub root_is_leaf: bool,
-}
-
-/// What a change event means for the route tree.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Change {
-    /// set/create/update/compareAndSwap of a key (and `get` in a snapshot).
-    Upsert { key: String, value: String },
-    /// A directory created (mkdir): nothing to route yet.
-    DirCreated { key: String },
-    /// delete/expire/compareAndDelete of a key, or of a directory with
-    /// everything under it (one event, no children listed).
-    Remove {
-        key: String,
-        dir: bool,
-        action: String,
-    },
-    /// An action this client does not know; logged and skipped.
-    Unknown { key: String, action: String },
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Event {
-    pub change: Change,
-    /// The next wait starts at this + 1.
-    pub modified_index: WatchIndex,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum WaitOutcome {
-    Event(Event),
-    /// Nothing happened for [`WATCH_IDLE_TIMEOUT_SECS`]. `etcd_index` is the
-    /// wait's `X-Etcd-Index`: no matching event existed up to it (etcd would
-    /// have answered at once), so resuming after it is exact and keeps a
-    /// quiet watcher inside the 1000-event history window.
-    Idle {
-        etcd_index: Option<WatchIndex>,
-    },
-    /// errorCode 401, sent as HTTP 400: the events since `waitIndex` are gone
-    /// and only a new snapshot is safe.
-    HistoryCleared {
-        detail: String,
-    },
-    /// etcd's index is behind what we have seen: its data was wiped and it
-    /// started again. Only a new snapshot is safe.
-    StoreReset {
-        etcd_index: WatchIndex,
-        wait_index: WatchIndex,
-    },
-}
-
-#[derive(Debug)]
-pub enum EtcdError {
-    Unreachable {
-        endpoint: String,
-        detail: String,
-    },
-    /// 404 without `X-Etcd-Index`: etcd answers, but not the v2 API.
-    V2Disabled {
-        endpoint: String,
-    },
-    Status {
-        endpoint: String,
-        status: u16,
-        body: String,
-    },
-    BadAnswer {
-        endpoint: String,
-        detail: String,
-    },
-}
-
-impl fmt::Display for EtcdError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            EtcdError::Unreachable { endpoint, detail } => {
-                write!(f, "etcd {endpoint} unreachable: {detail}")
-            }
-            EtcdError::V2Disabled { endpoint } => write!(
-                f,
-                "etcd {endpoint} does not serve the v2 API (404 without X-Etcd-Index): \
-                 start etcd with --enable-v2=true"
-            ),
-            EtcdError::Status {
-                endpoint,
-                status,
-                body,
-            } => write!(f, "etcd {endpoint} answered {status}: {body}"),
-            EtcdError::BadAnswer { endpoint, detail } => {
-                write!(
-                    f,
-                    "etcd {endpoint} sent an answer that cannot be used: {detail}"
-                )
-            }
-        }
-    }
-}
-
-impl EtcdError {
-    pub fn endpoint(&self) -> &str {
-        match self {
-            EtcdError::Unreachable { endpoint, .. }
-            | EtcdError::V2Disabled { endpoint }
-            | EtcdError::Status { endpoint, .. }
-            | EtcdError::BadAnswer { endpoint, .. } => endpoint,
-        }
-    }
-
-    /// A short machine-readable kind for the log event.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            EtcdError::Unreachable { .. } => "unreachable",
-            EtcdError::V2Disabled { .. } => "v2_disabled",
-            EtcdError::Status { .. } => "status",
-            EtcdError::BadAnswer { .. } => "bad_answer",
-        }
-    }
-}
-
-/// A v2 client for one directory, over a list of endpoints.
+/// The v2 API for one directory.
 pub struct EtcdV2 {
-    endpoints: Vec<String>,
-    current: usize,
     /// `/v2/keys` + the directory, each segment percent-encoded.
     keys_path: String,
     snapshot_agent: ureq::Agent,
     watch_agent: ureq::Agent,
+    probe_agent: ureq::Agent,
+}
+
+fn agent(global: Option<Duration>) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .proxy(None)
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .max_redirects_will_error(false)
+        .user_agent(concat!("httprouter/", env!("CARGO_PKG_VERSION")))
+        .timeout_connect(Some(Duration::from_secs(CONNECT_TIMEOUT_SECS)))
+        .timeout_recv_response(Some(Duration::from_secs(SNAPSHOT_TIMEOUT_SECS)))
+        .timeout_per_read(Some(Duration::from_secs(WATCH_IDLE_TIMEOUT_SECS)))
+        .timeout_global(global)
+        .build()
+        .new_agent()
 }
 
 impl EtcdV2 {
-    /// `endpoints` are origins (`http://host:port`); `dir` is the normalised
-    /// etcd key (`/domains`, or empty for the root).
-    pub fn new(endpoints: Vec<String>, dir: &str) -> EtcdV2 {
+    /// `dir` is the normalised etcd key (`/domains`, or empty for the root).
+    pub fn new(dir: &str) -> EtcdV2 {
         let mut keys_path = String::from("/v2/keys");
         for segment in dir.split('/').filter(|s| !s.is_empty()) {
             keys_path.push('/');
@@ -181,73 +62,76 @@ impl EtcdV2 {
         if dir.is_empty() {
             keys_path.push('/');
         }
-        let agent = |global: Option<u64>| {
-            ureq::Agent::config_builder()
-                .proxy(None)
-                .http_status_as_error(false)
-                .max_redirects(0)
-                .max_redirects_will_error(false)
-                .user_agent(concat!("httprouter/", env!("CARGO_PKG_VERSION")))
-                .timeout_connect(Some(Duration::from_secs(CONNECT_TIMEOUT_SECS)))
-                .timeout_recv_response(Some(Duration::from_secs(SNAPSHOT_TIMEOUT_SECS)))
-                .timeout_per_read(Some(Duration::from_secs(WATCH_IDLE_TIMEOUT_SECS)))
-                .timeout_global(global.map(Duration::from_secs))
-                .build()
-                .new_agent()
-        };
         EtcdV2 {
-            endpoints,
-            current: 0,
             keys_path,
-            snapshot_agent: agent(Some(SNAPSHOT_TIMEOUT_SECS)),
+            snapshot_agent: agent(Some(Duration::from_secs(SNAPSHOT_TIMEOUT_SECS))),
             watch_agent: agent(None),
+            probe_agent: agent(Some(Duration::from_millis(PROBE_TIMEOUT_MILLIS))),
         }
     }
 
-    pub fn endpoint(&self) -> &str {
-        &self.endpoints[self.current]
+    /// Whether the member serves v2 and has anything in the directory:
+    /// `Ok(None)` when v2 is not served, else whether the directory has
+    /// children (for `--etcd-api auto`).
+    pub fn detect(&self, endpoint: &str) -> Result<Option<bool>, EtcdError> {
+        let url = format!("{endpoint}{}?quorum=true", self.keys_path);
+        let answer = get(&self.snapshot_agent, &url, endpoint)?;
+        match answer.status {
+            404 if answer.etcd_index.is_none() => Ok(None),
+            404 => Ok(Some(false)),
+            200 => {
+                let body = answer.json()?;
+                let node = &body["node"];
+                Ok(Some(
+                    node["dir"].as_bool() != Some(true)
+                        || node["nodes"].as_array().is_some_and(|n| !n.is_empty()),
+                ))
+            }
+            _ => Err(answer.status_error()),
+        }
     }
+}
 
-    /// Moves on to the next endpoint (after an error on this one).
-    pub fn rotate(&mut self) {
-        self.current = (self.current + 1) % self.endpoints.len().max(1);
+impl Api for EtcdV2 {
+    fn name(&self) -> &'static str {
+        "v2"
     }
 
     /// `GET <dir>?recursive=true&quorum=true`. `quorum=true` keeps a member
     /// that lost its cluster from handing out stale routes.
-    pub fn snapshot(&self) -> Result<Snapshot, EtcdError> {
-        let endpoint = self.endpoint().to_string();
+    fn snapshot(&self, endpoint: &str) -> Result<Snapshot, EtcdError> {
         let url = format!("{endpoint}{}?recursive=true&quorum=true", self.keys_path);
-        let answer = get(&self.snapshot_agent, &url, &endpoint)?;
+        let answer = get(&self.snapshot_agent, &url, endpoint)?;
         let index = answer.etcd_index;
         match answer.status {
             200 => {}
             // 404 without X-Etcd-Index: not etcd's v2 "key not found" but a
             // server without the v2 API.
-            404 if index.is_none() => return Err(EtcdError::V2Disabled { endpoint }),
+            404 if index.is_none() => return Err(v2_disabled(endpoint)),
             404 => {
                 let body = answer.json()?;
                 if body["errorCode"].as_u64() == Some(100) {
                     // The directory does not exist yet: no routes.
                     return Ok(Snapshot {
-                        index: index.unwrap_or_default(),
+                        revision: index.unwrap_or_default(),
                         leaves: Vec::new(),
                         root_is_leaf: false,
                     });
                 }
-                return Err(EtcdError::Status {
+                return Err(EtcdError::new(
                     endpoint,
-                    status: 404,
-                    body: clip(&body),
-                });
+                    "status",
+                    format!("answered 404: {}", clip(&body)),
+                ));
             }
             _ => return Err(answer.status_error()),
         }
         let Some(index) = index else {
-            return Err(EtcdError::BadAnswer {
+            return Err(EtcdError::new(
                 endpoint,
-                detail: "snapshot without X-Etcd-Index".into(),
-            });
+                "bad_answer",
+                "snapshot without X-Etcd-Index",
+            ));
         };
         let body = answer.json()?;
         let node = &body["node"];
@@ -264,64 +148,153 @@ impl EtcdV2 {
             collect_leaves(node, &mut leaves);
         }
         Ok(Snapshot {
-            index,
+            revision: index,
             leaves,
             root_is_leaf,
         })
     }
 
-    /// `GET <dir>?wait=true&recursive=true&waitIndex=N`: blocks until the
-    /// first change at or after `wait_index`, or until the idle timeout.
-    pub fn wait(&self, wait_index: WatchIndex) -> Result<WaitOutcome, EtcdError> {
-        let endpoint = self.endpoint().to_string();
+    fn watch(&self, endpoint: &str, after: Revision) -> Result<Box<dyn Watch>, EtcdError> {
+        Ok(Box::new(Waits {
+            agent: self.watch_agent.clone(),
+            url: format!("{endpoint}{}?wait=true&recursive=true", self.keys_path),
+            endpoint: endpoint.to_string(),
+            after,
+            done: false,
+        }))
+    }
+
+    /// A quorum read of a hidden key nobody writes: through raft, so a
+    /// member cut off from its cluster or frozen fails it; tiny whatever
+    /// the directory holds.
+    fn probe(&self, endpoint: &str) -> Result<(), EtcdError> {
         let url = format!(
-            "{endpoint}{}?wait=true&recursive=true&waitIndex={wait_index}",
-            self.keys_path
+            "{endpoint}{}/_httprouter_probe?quorum=true",
+            self.keys_path.trim_end_matches('/')
         );
-        let answer = get(&self.watch_agent, &url, &endpoint)?;
+        let answer = get(&self.probe_agent, &url, endpoint).map_err(unresponsive)?;
+        match answer.status {
+            200 => Ok(()),
+            404 if answer.etcd_index.is_some() => Ok(()),
+            404 => Err(v2_disabled(endpoint)),
+            _ => Err(answer.status_error()),
+        }
+    }
+}
+
+fn v2_disabled(endpoint: &str) -> EtcdError {
+    EtcdError::new(
+        endpoint,
+        "v2_disabled",
+        "does not serve the v2 API (404 without X-Etcd-Index): start etcd with \
+         --enable-v2=true, or use --etcd-api v3",
+    )
+}
+
+/// A probe that did not get through in time: the member is frozen or cut
+/// off, whatever the transport said.
+fn unresponsive(mut e: EtcdError) -> EtcdError {
+    e.kind = "unresponsive";
+    e.detail = format!(
+        "no answer to a quorum read within {PROBE_TIMEOUT_MILLIS} ms ({})",
+        e.detail
+    );
+    e
+}
+
+/// v2's watch: one long-poll wait after another, from the index after the
+/// last event (never the answer's `X-Etcd-Index`, which is the index when
+/// the wait started).
+struct Waits {
+    agent: ureq::Agent,
+    url: String,
+    endpoint: String,
+    after: Revision,
+    done: bool,
+}
+
+impl Watch for Waits {
+    fn next(&mut self) -> Result<Watched, EtcdError> {
+        if self.done {
+            return Ok(Watched::Idle);
+        }
+        let wait_index = self.after.saturating_add(1);
+        let result = self.wait(wait_index);
+        if !matches!(result, Ok(Watched::Events(_))) {
+            self.done = true;
+        }
+        result
+    }
+}
+
+impl Waits {
+    /// `GET …&waitIndex=N`: blocks until the first change at or after `N`,
+    /// or until the idle timeout.
+    fn wait(&mut self, wait_index: Revision) -> Result<Watched, EtcdError> {
+        let endpoint = self.endpoint.as_str();
+        let url = format!("{}&waitIndex={wait_index}", self.url);
+        let answer = get(&self.agent, &url, endpoint)?;
         match answer.status {
             200 => {}
-            404 if answer.etcd_index.is_none() => return Err(EtcdError::V2Disabled { endpoint }),
+            404 if answer.etcd_index.is_none() => return Err(v2_disabled(endpoint)),
             400 => {
                 let body = answer.json()?;
                 if body["errorCode"].as_u64() == Some(401) {
-                    return Ok(WaitOutcome::HistoryCleared {
-                        detail: body["cause"].as_str().unwrap_or_default().to_string(),
-                    });
+                    return Err(EtcdError::new(
+                        endpoint,
+                        "history_cleared",
+                        format!(
+                            "the events from index {wait_index} are gone ({})",
+                            body["cause"].as_str().unwrap_or_default()
+                        ),
+                    ));
                 }
-                return Err(EtcdError::Status {
+                return Err(EtcdError::new(
                     endpoint,
-                    status: 400,
-                    body: clip(&body),
-                });
+                    "status",
+                    format!("answered 400: {}", clip(&body)),
+                ));
             }
             _ => return Err(answer.status_error()),
         }
         let etcd_index = answer.etcd_index;
-        if let Some(etcd_index) = etcd_index {
-            // The header is the index when the wait was registered; it can
-            // only be below what we already saw if the store was wiped.
-            if etcd_index.saturating_add(1) < wait_index {
-                return Ok(WaitOutcome::StoreReset {
-                    etcd_index,
-                    wait_index,
-                });
-            }
+        // The header is the index when the wait was registered; it can
+        // only be below what we already saw if the store was wiped.
+        if let Some(etcd_index) = etcd_index
+            && etcd_index.saturating_add(1) < wait_index
+        {
+            return Err(EtcdError::new(
+                endpoint,
+                "store_reset",
+                format!(
+                    "index {etcd_index} is behind the {} already seen",
+                    wait_index - 1
+                ),
+            ));
         }
         let body = match answer.read() {
             Ok(bytes) => bytes,
-            Err(BodyError::Idle) => return Ok(WaitOutcome::Idle { etcd_index }),
+            // No matching event existed up to the wait's index (etcd would
+            // have answered at once), so resuming after it is exact, and
+            // keeps a quiet watcher inside the 1000-event history window.
+            Err(BodyError::Idle) => {
+                return Ok(match etcd_index {
+                    Some(i) if i > self.after => {
+                        self.after = i;
+                        Watched::Progress(i)
+                    }
+                    _ => Watched::Idle,
+                });
+            }
             Err(BodyError::Cut(detail)) => {
-                return Err(EtcdError::Unreachable { endpoint, detail });
+                return Err(EtcdError::new(endpoint, "stream_ended", detail));
             }
         };
-        let value: Value = serde_json::from_slice(&body).map_err(|e| EtcdError::BadAnswer {
-            endpoint: endpoint.clone(),
-            detail: format!("invalid JSON ({e})"),
-        })?;
-        parse_event(&value)
-            .map(WaitOutcome::Event)
-            .map_err(|detail| EtcdError::BadAnswer { endpoint, detail })
+        let value: Value = serde_json::from_slice(&body)
+            .map_err(|e| EtcdError::new(endpoint, "bad_answer", format!("invalid JSON ({e})")))?;
+        let event = parse_event(&value).map_err(|d| EtcdError::new(endpoint, "bad_answer", d))?;
+        self.after = self.after.max(event.revision);
+        Ok(Watched::Events(vec![event]))
     }
 }
 
@@ -329,7 +302,7 @@ impl EtcdV2 {
 struct Answer {
     endpoint: String,
     status: u16,
-    etcd_index: Option<WatchIndex>,
+    etcd_index: Option<Revision>,
     body: ureq::Body,
 }
 
@@ -342,10 +315,10 @@ enum BodyError {
 }
 
 fn get(agent: &ureq::Agent, url: &str, endpoint: &str) -> Result<Answer, EtcdError> {
-    let resp = agent.get(url).call().map_err(|e| EtcdError::Unreachable {
-        endpoint: endpoint.to_string(),
-        detail: e.to_string(),
-    })?;
+    let resp = agent
+        .get(url)
+        .call()
+        .map_err(|e| EtcdError::new(endpoint, "unreachable", e.to_string()))?;
     let etcd_index = resp
         .headers()
         .get("X-Etcd-Index")
@@ -373,33 +346,35 @@ impl Answer {
 
     fn json(self) -> Result<Value, EtcdError> {
         let endpoint = self.endpoint.clone();
-        let bytes = self.read().map_err(|e| EtcdError::Unreachable {
-            endpoint: endpoint.clone(),
-            detail: match e {
+        let bytes = self.read().map_err(|e| {
+            let detail = match e {
                 BodyError::Idle => format!("no data for {WATCH_IDLE_TIMEOUT_SECS}s"),
                 BodyError::Cut(d) => d,
-            },
+            };
+            EtcdError::new(&endpoint, "unreachable", detail)
         })?;
-        serde_json::from_slice(&bytes).map_err(|e| EtcdError::BadAnswer {
-            endpoint,
-            detail: format!("invalid JSON ({e})"),
-        })
+        serde_json::from_slice(&bytes)
+            .map_err(|e| EtcdError::new(&endpoint, "bad_answer", format!("invalid JSON ({e})")))
     }
 
     fn status_error(self) -> EtcdError {
         let mut body = Vec::new();
         let _ = self.body.into_reader().take(512).read_to_end(&mut body);
-        EtcdError::Status {
-            endpoint: self.endpoint,
-            status: self.status,
-            body: String::from_utf8_lossy(&body).trim().to_string(),
-        }
+        EtcdError::new(
+            &self.endpoint,
+            "status",
+            format!(
+                "answered {}: {}",
+                self.status,
+                String::from_utf8_lossy(&body).trim()
+            ),
+        )
     }
 }
 
 /// ureq reports a per-read timeout inside the body reader as an `io::Error`
 /// wrapping its own `Error::Timeout`.
-fn is_timeout(e: &std::io::Error) -> bool {
+pub fn is_timeout(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
         std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
@@ -449,14 +424,14 @@ pub fn parse_event(body: &Value) -> Result<Event, String> {
         .as_str()
         .ok_or_else(|| format!("event without node.key: {}", clip(body)))?
         .to_string();
-    let modified_index = node["modifiedIndex"]
+    let revision = node["modifiedIndex"]
         .as_u64()
         .ok_or_else(|| format!("event without node.modifiedIndex: {}", clip(body)))?;
     let dir = node["dir"].as_bool() == Some(true);
     let change = match action {
         "set" | "create" | "update" | "compareAndSwap" | "get" => {
             if dir {
-                Change::DirCreated { key }
+                Change::Nothing
             } else {
                 Change::Upsert {
                     key,
@@ -467,17 +442,14 @@ pub fn parse_event(body: &Value) -> Result<Event, String> {
         "delete" | "expire" | "compareAndDelete" => Change::Remove {
             key,
             dir,
-            action: action.to_string(),
+            reason: action.to_string(),
         },
         other => Change::Unknown {
             key,
             action: other.to_string(),
         },
     };
-    Ok(Event {
-        change,
-        modified_index,
-    })
+    Ok(Event { change, revision })
 }
 
 fn clip(v: &Value) -> String {
@@ -506,7 +478,7 @@ mod tests {
         let e = event(
             r#"{"action":"set","node":{"key":"/domains/example.com/api","value":"http://10.0.0.9:8080","modifiedIndex":8,"createdIndex":8},"prevNode":{"key":"/domains/example.com/api","value":"http://10.0.0.1:8080","modifiedIndex":4,"createdIndex":4}}"#,
         );
-        assert_eq!(e.modified_index, 8);
+        assert_eq!(e.revision, 8);
         assert_eq!(
             e.change,
             Change::Upsert {
@@ -522,7 +494,7 @@ mod tests {
             Change::Remove {
                 key: "/domains/a.test/ttl".into(),
                 dir: false,
-                action: "expire".into()
+                reason: "expire".into()
             }
         );
         let e = event(
@@ -536,7 +508,7 @@ mod tests {
         let e = event(
             r#"{"action":"set","node":{"key":"/domains/a.test/emptydir","dir":true,"modifiedIndex":17,"createdIndex":17}}"#,
         );
-        assert!(matches!(e.change, Change::DirCreated { .. }));
+        assert!(matches!(e.change, Change::Nothing));
         for action in ["create", "update", "compareAndSwap"] {
             let e = event(&format!(
                 r#"{{"action":"{action}","node":{{"key":"/d/a/b","value":"v","modifiedIndex":3}}}}"#
@@ -587,14 +559,8 @@ mod tests {
 
     #[test]
     fn keys_path_is_encoded_per_segment() {
-        assert_eq!(
-            EtcdV2::new(vec![], "/domains").keys_path,
-            "/v2/keys/domains"
-        );
-        assert_eq!(EtcdV2::new(vec![], "").keys_path, "/v2/keys/");
-        assert_eq!(
-            EtcdV2::new(vec![], "/a b/c?d").keys_path,
-            "/v2/keys/a%20b/c%3Fd"
-        );
+        assert_eq!(EtcdV2::new("/domains").keys_path, "/v2/keys/domains");
+        assert_eq!(EtcdV2::new("").keys_path, "/v2/keys/");
+        assert_eq!(EtcdV2::new("/a b/c?d").keys_path, "/v2/keys/a%20b/c%3Fd");
     }
 }

@@ -1,7 +1,8 @@
 //! httprouter: a host-based HTTP reverse proxy whose routes live in etcd.
 //!
 //! Data flows one way:
-//! etcd → `discovery` (one thread) → `routes::SharedTable` (whole immutable
+//! etcd (`etcd_v2` or `etcd_v3`, behind `etcd`) → `discovery` (one thread,
+//! with `route_set` and `state_file`) → `routes::SharedTable` (immutable
 //! tables) → `poller` → `server` on `workers` → `proxy` → `backend`; every part sends log
 //! events down a bounded channel to the one `log` thread. `http1` is the
 //! wire format below both edges. The binary (`main.rs`) only wires these
@@ -13,7 +14,9 @@ pub mod cidr;
 pub mod cli;
 pub mod client;
 pub mod discovery;
+pub mod etcd;
 pub mod etcd_v2;
+pub mod etcd_v3;
 pub mod health;
 pub mod http1;
 pub mod httpurl;
@@ -21,7 +24,9 @@ pub mod log;
 pub mod memcpy;
 pub mod poller;
 pub mod proxy;
+pub mod route_set;
 pub mod routes;
 pub mod server;
+pub mod state_file;
 pub mod tunnel;
 pub mod workers;

@@ -3,7 +3,10 @@
 //!
 //! A request thread never blocks here: [`Logger`] uses `try_send`, and when
 //! the queue is full the event is dropped and counted; the count is itself
-//! logged (`log.dropped`) as soon as there is room. Only the log thread
+//! logged (`log.dropped`) as soon as there is room. The audit trail of what
+//! the router serves (route and etcd events, [`Logger::audit`]) has a queue
+//! of its own that drops nothing: its volume is bounded by etcd's changes,
+//! and large snapshots are summarised (`route_set`). Only the log thread
 //! touches the sink, so a slow disk or a dead collector slows nothing else.
 
 use std::fs::{File, OpenOptions};
@@ -75,6 +78,8 @@ struct Message {
 #[derive(Debug, Clone)]
 pub struct Logger {
     tx: Sender<Message>,
+    /// Unbounded: see the module documentation.
+    audit_tx: Sender<Message>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -97,6 +102,21 @@ impl Logger {
         self.send(Payload::Request(record));
     }
 
+    /// Logs an event of the audit trail (route and etcd events): never
+    /// dropped, for discovery only (its volume is bounded by etcd's).
+    pub fn audit(&self, name: &'static str, fields: Value) {
+        let fields = match fields {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        };
+        let msg = Message {
+            at: SystemTime::now(),
+            payload: Payload::Event(name, fields),
+        };
+        // Fails only once the log thread is gone, at the very end.
+        let _ = self.audit_tx.send(msg);
+    }
+
     fn send(&self, payload: Payload) {
         let msg = Message {
             at: SystemTime::now(),
@@ -113,8 +133,10 @@ impl Logger {
     /// A logger that throws everything away (for tests and tools).
     pub fn discard() -> Logger {
         let (tx, _) = crossbeam_channel::bounded(0);
+        let (audit_tx, _) = crossbeam_channel::bounded(0);
         Logger {
             tx,
+            audit_tx,
             dropped: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -170,15 +192,23 @@ pub fn start(dest: Destination) -> io::Result<(Logger, LogThread)> {
         Destination::Url(url) => Sink::Url(UrlSink::new(url)),
     };
     let (tx, rx) = crossbeam_channel::bounded(LOG_QUEUE_CAPACITY);
+    let (audit_tx, audit_rx) = crossbeam_channel::unbounded();
     let dropped = Arc::new(AtomicU64::new(0));
     let logger = Logger {
-        tx: tx.clone(),
+        tx,
+        audit_tx: audit_tx.clone(),
         dropped: Arc::clone(&dropped),
     };
     let handle = std::thread::Builder::new()
         .name("log".into())
-        .spawn(move || run(rx, sink, dropped))?;
-    Ok((logger, LogThread { handle, tx }))
+        .spawn(move || run([audit_rx, rx], sink, dropped))?;
+    Ok((
+        logger,
+        LogThread {
+            handle,
+            tx: audit_tx,
+        },
+    ))
 }
 
 fn open_log_file(path: &Path) -> io::Result<File> {
@@ -190,23 +220,27 @@ fn open_log_file(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-fn run(rx: Receiver<Message>, mut sink: Sink, dropped: Arc<AtomicU64>) {
+/// `queues`: the audit queue first, then the request queue (the shutdown
+/// marker comes on the audit queue).
+fn run(queues: [Receiver<Message>; 2], mut sink: Sink, dropped: Arc<AtomicU64>) {
     let mut reported_dropped = 0u64;
     let mut batch: Vec<String> = Vec::with_capacity(LOG_BATCH_MAX_LINES);
     let mut stopping = false;
     while !stopping {
         std::thread::sleep(Duration::from_millis(LOG_TICK_MILLIS));
-        loop {
-            match rx.try_recv() {
-                Ok(msg) => stopping |= push_line(&mut batch, msg),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    stopping = true;
-                    break;
+        for rx in &queues {
+            loop {
+                match rx.try_recv() {
+                    Ok(msg) => stopping |= push_line(&mut batch, msg),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        stopping = true;
+                        break;
+                    }
                 }
-            }
-            if batch.len() >= LOG_BATCH_MAX_LINES {
-                sink.write(&mut batch);
+                if batch.len() >= LOG_BATCH_MAX_LINES {
+                    sink.write(&mut batch);
+                }
             }
         }
         let now_dropped = dropped.load(Ordering::Relaxed) + sink.dropped_lines();
@@ -221,8 +255,10 @@ fn run(rx: Receiver<Message>, mut sink: Sink, dropped: Arc<AtomicU64>) {
         sink.tick(Instant::now());
     }
     // Whatever is still queued (events sent just before shutdown).
-    while let Ok(msg) = rx.try_recv() {
-        push_line(&mut batch, msg);
+    for rx in &queues {
+        while let Ok(msg) = rx.try_recv() {
+            push_line(&mut batch, msg);
+        }
     }
     sink.write(&mut batch);
     sink.finish(Instant::now() + Duration::from_secs(LOG_SHUTDOWN_GRACE_SECS));
@@ -646,14 +682,22 @@ mod tests {
     #[test]
     fn full_queue_drops_and_counts_without_blocking() {
         let (tx, _rx) = crossbeam_channel::bounded(2);
+        let (audit_tx, audit_rx) = crossbeam_channel::unbounded();
         let logger = Logger {
             tx,
+            audit_tx,
             dropped: Arc::new(AtomicU64::new(0)),
         };
         for _ in 0..5 {
             logger.event("test", json!({}));
         }
         assert_eq!(logger.dropped(), 3);
+        // The audit queue takes everything.
+        for _ in 0..50_000 {
+            logger.audit("route.add", json!({}));
+        }
+        assert_eq!(logger.dropped(), 3);
+        assert_eq!(audit_rx.len(), 50_000);
     }
 
     #[test]
@@ -662,9 +706,11 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let file = open_log_file(&path).unwrap();
         let (tx, rx) = crossbeam_channel::bounded(4);
+        let (audit_tx, audit_rx) = crossbeam_channel::unbounded();
         let dropped = Arc::new(AtomicU64::new(0));
         let logger = Logger {
-            tx: tx.clone(),
+            tx,
+            audit_tx: audit_tx.clone(),
             dropped: Arc::clone(&dropped),
         };
         // Nobody is reading yet: 4 fit, 3 are dropped.
@@ -672,8 +718,12 @@ mod tests {
             logger.event("test.event", json!({ "i": i }));
         }
         assert_eq!(logger.dropped(), 3);
-        let handle = std::thread::spawn(move || run(rx, Sink::File(file), dropped));
-        LogThread { handle, tx }.shutdown();
+        let handle = std::thread::spawn(move || run([audit_rx, rx], Sink::File(file), dropped));
+        LogThread {
+            handle,
+            tx: audit_tx,
+        }
+        .shutdown();
         let text = std::fs::read_to_string(&path).unwrap();
         let _ = std::fs::remove_file(&path);
         let events: Vec<Value> = text

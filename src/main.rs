@@ -143,8 +143,13 @@ fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Resul
 
     let stop_discovery = Arc::new(AtomicBool::new(false));
     let discovery = discovery::Discovery::new(
-        config.etcd_urls.clone(),
-        &config.etcd_key,
+        discovery::DiscoverySettings {
+            endpoints: config.etcd_urls.clone(),
+            etcd_key: config.etcd_key.clone(),
+            api: config.etcd_api,
+            state_file: config.state_file.clone(),
+            resync_interval: config.resync_interval,
+        },
         Arc::clone(&table),
         logger.clone(),
         Arc::clone(&stop_discovery),

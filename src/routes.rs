@@ -1,7 +1,8 @@
 //! The route table: host → backends, with round robin.
 //!
-//! A [`RouteTable`] is immutable once built. Discovery builds a whole new one
-//! for every change and publishes it through [`SharedTable`]; request workers
+//! A [`RouteTable`] is immutable once built. Discovery makes a new one for
+//! every change (copying only the shards of the domains that changed) and
+//! publishes it through [`SharedTable`]; request workers
 //! take an `Arc` to the current table (a pointer copy under a read lock) and
 //! never see a half-applied change. Nothing here does I/O or blocks.
 
@@ -75,7 +76,31 @@ pub struct Candidate<'a> {
 }
 
 impl Domain {
-    #[cfg(test)]
+    /// A domain with these backends (sorted by key), keeping what `before`
+    /// knew: the cursor and budget always, and each backend's health while
+    /// its key and URL stay (a new URL is a new backend with a clean slate).
+    fn carried_over(backends: Vec<Arc<Backend>>, before: Option<&Domain>) -> Domain {
+        let health = backends
+            .iter()
+            .map(|b| {
+                before
+                    .and_then(|d| {
+                        d.backends
+                            .iter()
+                            .position(|old| old.key == b.key && old.url == b.url)
+                            .map(|i| Arc::clone(&d.health[i]))
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        Domain {
+            backends,
+            health,
+            cursor: before.map(|d| Arc::clone(&d.cursor)).unwrap_or_default(),
+            budget: before.map(|d| Arc::clone(&d.budget)).unwrap_or_default(),
+        }
+    }
+
     pub fn backends(&self) -> &[Arc<Backend>] {
         &self.backends
     }
@@ -175,15 +200,40 @@ impl<'a> Iterator for Candidates<'a> {
     }
 }
 
-/// Host → domain. Build one with [`RouteTable::build`].
-#[derive(Debug, Default)]
+/// Shards of the table: a change copies one shard (a few dozen domains at
+/// 10,000) and the shard list, not the whole table.
+const SHARDS: usize = 256;
+
+/// Host → domain. Build one with [`RouteTable::build`], change one with
+/// [`RouteTable::update`].
+#[derive(Debug, Clone)]
 pub struct RouteTable {
-    domains: HashMap<String, Domain>,
+    shards: Vec<Arc<HashMap<String, Arc<Domain>>>>,
+    domains: usize,
+}
+
+impl Default for RouteTable {
+    fn default() -> RouteTable {
+        RouteTable {
+            shards: (0..SHARDS).map(|_| Arc::default()).collect(),
+            domains: 0,
+        }
+    }
+}
+
+/// Which shard holds `host`: FNV-1a, cheap and stable.
+fn shard_of(host: &str) -> usize {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in host.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h as usize % SHARDS
 }
 
 impl RouteTable {
-    /// Builds a table from `(normalised domain, backend)` pairs, reusing the
-    /// round-robin cursors of `previous` for domains that continue.
+    /// Builds a table from `(normalised domain, backend)` pairs, carrying
+    /// over the round-robin cursors, health and budgets of `previous` for
+    /// domains that continue.
     pub fn build<'a>(
         routes: impl IntoIterator<Item = (&'a str, Arc<Backend>)>,
         previous: &RouteTable,
@@ -192,49 +242,64 @@ impl RouteTable {
         for (domain, backend) in routes {
             grouped.entry(domain.to_string()).or_default().push(backend);
         }
-        let domains = grouped
-            .into_iter()
-            .map(|(name, mut backends)| {
-                // etcd lists children in random order; sort so round robin and
-                // failover order do not change with every snapshot.
-                backends.sort_by(|a, b| a.key.cmp(&b.key));
-                let before = previous.domains.get(&name);
-                // A backend keeps its record while its key and URL stay; a
-                // new URL is a new backend with a clean slate.
-                let health = backends
-                    .iter()
-                    .map(|b| {
-                        before
-                            .and_then(|d| {
-                                d.backends
-                                    .iter()
-                                    .position(|old| old.key == b.key && old.url == b.url)
-                                    .map(|i| Arc::clone(&d.health[i]))
-                            })
-                            .unwrap_or_default()
-                    })
-                    .collect();
-                let domain = Domain {
-                    backends,
-                    health,
-                    cursor: before.map(|d| Arc::clone(&d.cursor)).unwrap_or_default(),
-                    budget: before.map(|d| Arc::clone(&d.budget)).unwrap_or_default(),
-                };
-                (name, domain)
-            })
+        let gone: Vec<(String, Vec<Arc<Backend>>)> = previous
+            .shards
+            .iter()
+            .flat_map(|s| s.keys())
+            .filter(|d| !grouped.contains_key(*d))
+            .map(|d| (d.clone(), Vec::new()))
             .collect();
-        RouteTable { domains }
+        previous.update(grouped.into_iter().chain(gone))
+    }
+
+    /// This table with each given domain's backends replaced (none: the
+    /// domain is gone). Copies only the shards the domains live in.
+    pub fn update(
+        &self,
+        domains: impl IntoIterator<Item = (String, Vec<Arc<Backend>>)>,
+    ) -> RouteTable {
+        let mut next = self.clone();
+        for (name, mut backends) in domains {
+            let shard = Arc::make_mut(&mut next.shards[shard_of(&name)]);
+            if backends.is_empty() {
+                if shard.remove(&name).is_some() {
+                    next.domains -= 1;
+                }
+                continue;
+            }
+            // etcd lists children in random order; sort so round robin and
+            // failover order do not change with every snapshot.
+            backends.sort_by(|a, b| a.key.cmp(&b.key));
+            let domain = Domain::carried_over(backends, shard.get(&name).map(Arc::as_ref));
+            if shard.insert(name, Arc::new(domain)).is_none() {
+                next.domains += 1;
+            }
+        }
+        next
+    }
+
+    /// Domains in the table.
+    pub fn len(&self) -> usize {
+        self.domains
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.domains == 0
+    }
+
+    fn get(&self, host: &str) -> Option<&Domain> {
+        self.shards[shard_of(host)].get(host).map(Arc::as_ref)
     }
 
     /// Finds the domain for a normalised host (see [`normalise_host`]): the
     /// exact `host:port` first, then the host without its port, so keys
     /// registered either way work.
     pub fn lookup(&self, host: &str) -> Option<&Domain> {
-        if let Some(d) = self.domains.get(host) {
+        if let Some(d) = self.get(host) {
             return Some(d);
         }
         let (name, port) = split_port(host);
-        port.and_then(|_| self.domains.get(name))
+        port.and_then(|_| self.get(name))
     }
 }
 

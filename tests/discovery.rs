@@ -271,7 +271,7 @@ fn wiped_etcd_is_detected_and_resynced() {
     etcd.wipe_and_restart();
     etcd.put(&format!("{D}/wipe.example.com/2"), &b2.url());
     router.wait_backends("wipe.example.com", &["w2"]);
-    router.wait_event("etcd.resync", |e| e["reason"] == "index_went_backwards");
+    router.wait_event("etcd.resync", |e| e["reason"] == "store_reset");
     router.wait_event("route.remove", |e| {
         e["key"] == format!("{D}/wipe.example.com/1")
     });
@@ -320,7 +320,7 @@ fn bad_keys_and_values_are_skipped_with_a_log_event() {
 #[test]
 fn v2_api_disabled_is_reported_for_the_operator() {
     let etcd = Etcd::start_without_v2();
-    let router = Router::start(&etcd.url(), &[]);
+    let router = Router::start(&etcd.url(), &["--etcd-api", "v2"]);
     let e = router.wait_event("etcd.error", |e| e["kind"] == "v2_disabled");
     assert!(e["error"].as_str().unwrap().contains("--enable-v2"), "{e}");
     // Keeps retrying and serving.
