@@ -117,6 +117,8 @@ pub struct Etcd {
     peer_port: u16,
     v2: bool,
     dir: TempDir,
+    /// Its name and `--initial-cluster` when a member of a cluster.
+    member: Option<(String, String)>,
 }
 
 impl Etcd {
@@ -135,9 +137,49 @@ impl Etcd {
             peer_port: free_port(),
             v2,
             dir: TempDir::new("etcd"),
+            member: None,
         };
         etcd.spawn();
         etcd
+    }
+
+    /// A three-member cluster without v2, each member on its own ports
+    /// and data dir; returns once it has a leader.
+    pub fn cluster() -> Vec<Etcd> {
+        let mut members: Vec<Etcd> = (0..3)
+            .map(|i| Etcd {
+                child: None,
+                client_port: free_port(),
+                peer_port: free_port(),
+                v2: false,
+                dir: TempDir::new("etcd-member"),
+                member: Some((format!("m{i}"), String::new())),
+            })
+            .collect();
+        let initial: Vec<String> = members
+            .iter()
+            .map(|m| {
+                let name = &m.member.as_ref().expect("a member").0;
+                format!("{name}=http://127.0.0.1:{}", m.peer_port)
+            })
+            .collect();
+        let initial = initial.join(",");
+        for m in &mut members {
+            if let Some((_, cluster)) = m.member.as_mut() {
+                *cluster = initial.clone();
+            }
+        }
+        // All at once: each waits for the others to form the cluster.
+        for m in &mut members {
+            m.spawn_process();
+        }
+        for m in &mut members {
+            m.wait_started();
+        }
+        eventually("the cluster to elect a leader", || {
+            members[0].put3_try("/cluster-ready", "1").map(|_| ())
+        });
+        members
     }
 
     /// Picks ports now but starts nothing (for "etcd started after the
@@ -149,6 +191,7 @@ impl Etcd {
             peer_port: free_port(),
             v2: true,
             dir: TempDir::new("etcd"),
+            member: None,
         }
     }
 
@@ -157,12 +200,25 @@ impl Etcd {
     }
 
     pub fn spawn(&mut self) {
+        self.spawn_process();
+        self.wait_started();
+    }
+
+    fn spawn_process(&mut self) {
         assert!(self.child.is_none(), "etcd already running");
         let client = self.url();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log");
+        let (name, cluster) = match &self.member {
+            Some((name, cluster)) => (name.clone(), cluster.clone()),
+            None => ("t".to_string(), format!("t={peer}")),
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .expect("etcd log");
         let child = Command::new("etcd")
-            .arg("--name=t")
+            .arg(format!("--name={name}"))
             .arg(format!(
                 "--data-dir={}",
                 self.dir.path().join("data").display()
@@ -171,7 +227,7 @@ impl Etcd {
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=t={peer}"))
+            .arg(format!("--initial-cluster={cluster}"))
             .arg(format!("--enable-v2={}", self.v2))
             .arg("--log-level=error")
             .stdout(Stdio::null())
@@ -179,6 +235,10 @@ impl Etcd {
             .spawn()
             .expect("start etcd (is etcd-server installed?)");
         self.child = Some(child);
+    }
+
+    fn wait_started(&mut self) {
+        let client = self.url();
         let url = format!("{client}/version");
         eventually("etcd to answer /version", || {
             agent(Duration::from_secs(1))
@@ -200,6 +260,7 @@ impl Etcd {
 
     /// SIGTERM and wait.
     pub fn stop(&mut self) {
+        self.thaw();
         if let Some(mut c) = self.child.take() {
             stop_child(&mut c);
         }
@@ -263,6 +324,109 @@ impl Etcd {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .expect("X-Etcd-Index")
+    }
+}
+
+/// Standard base64, as the v3 gateway wants keys and values.
+pub fn b64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+impl Etcd {
+    /// POSTs to the v3 gateway; the JSON answer, or why there is none.
+    pub fn v3(&self, path: &str, body: Value) -> Result<Value, String> {
+        let resp = agent(Duration::from_secs(10))
+            .post(&format!("{}{path}", self.url()))
+            .send(body.to_string())
+            .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let text = resp.into_body().read_to_string().unwrap_or_default();
+        if status != 200 {
+            return Err(format!("{status}: {text}"));
+        }
+        serde_json::from_str(&text).map_err(|e| e.to_string())
+    }
+
+    fn put3_try(&self, key: &str, value: &str) -> Option<u64> {
+        let body = serde_json::json!({"key": b64(key.as_bytes()), "value": b64(value.as_bytes())});
+        let answer = self.v3("/v3/kv/put", body).ok()?;
+        answer["header"]["revision"].as_str()?.parse().ok()
+    }
+
+    /// A v3 put; the revision it made.
+    /// Retried while the cluster has no leader (an election after a member
+    /// died takes a second or two).
+    pub fn put3(&self, key: &str, value: &str) -> u64 {
+        eventually(&format!("v3 put {key} through {}", self.url()), || {
+            self.put3_try(key, value)
+        })
+    }
+
+    /// A v3 put under a new lease of `ttl` seconds that nobody keeps alive.
+    pub fn put3_leased(&self, key: &str, value: &str, ttl: u64) {
+        let lease = self
+            .v3(
+                "/v3/lease/grant",
+                serde_json::json!({"TTL": ttl.to_string()}),
+            )
+            .expect("lease grant");
+        let id = lease["ID"].as_str().expect("lease ID").to_string();
+        let body = serde_json::json!({"key": b64(key.as_bytes()), "value": b64(value.as_bytes()), "lease": id});
+        self.v3("/v3/kv/put", body).expect("leased put");
+    }
+
+    pub fn delete3(&self, key: &str) {
+        self.v3(
+            "/v3/kv/deleterange",
+            serde_json::json!({"key": b64(key.as_bytes())}),
+        )
+        .expect("v3 delete");
+    }
+
+    /// Compacts the v3 history up to the current revision.
+    pub fn compact3(&self) {
+        let rev = self.put3("/compact-marker", "x");
+        self.v3(
+            "/v3/kv/compaction",
+            serde_json::json!({"revision": rev.to_string(), "physical": true}),
+        )
+        .expect("compaction");
+    }
+
+    /// SIGSTOP: the member keeps its sockets and answers nothing.
+    pub fn freeze(&self) {
+        if let Some(c) = &self.child {
+            signal(c.id(), "-STOP");
+        }
+    }
+
+    pub fn thaw(&self) {
+        if let Some(c) = &self.child {
+            signal(c.id(), "-CONT");
+        }
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
