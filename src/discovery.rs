@@ -254,8 +254,7 @@ impl Discovery {
             root_is_leaf,
         } = api.snapshot(&endpoint)?;
         let removal = if reason == "start" { "resync" } else { reason };
-        let diff = self.routes.replace(&leaves, root_is_leaf, removal);
-        drop(leaves);
+        let diff = self.routes.replace(leaves, root_is_leaf, removal);
         self.publish(&diff, Some(revision));
         self.revision = Some(revision);
         self.announced = false;
@@ -296,11 +295,12 @@ impl Discovery {
 
     /// Applies a diff to the table, logs it and marks the state unsaved.
     fn publish(&mut self, diff: &Diff, revision: Option<Revision>) {
-        diff.log(&self.log, revision);
+        // The table first: logging a large diff can wait for the log thread.
         if diff.changes() > 0 {
             let previous = self.table.load();
             self.table.store(self.routes.table(&previous, diff));
         }
+        diff.log(&self.log, revision);
         self.unsaved |= diff.changes() > 0 || self.saved_at.is_none();
     }
 
@@ -408,7 +408,7 @@ impl Discovery {
         }
         match state_file::load(&path, &self.settings.etcd_key) {
             Ok(saved) => {
-                let diff = self.routes.replace(&saved.leaves, false, "state_file");
+                let diff = self.routes.replace(saved.leaves, false, "state_file");
                 self.publish(&diff, None);
                 // Nothing new to save: this is what the file says.
                 self.unsaved = false;

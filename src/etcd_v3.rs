@@ -123,6 +123,10 @@ impl Api for EtcdV3 {
                     "range without a revision",
                 ));
             }
+            if revision.is_none() {
+                // The whole range's size, from the first page: no regrowth.
+                leaves.reserve_exact(usize::try_from(number(&answer["count"])).unwrap_or(0));
+            }
             revision.get_or_insert(at);
             let kvs = answer["kvs"].as_array().map(Vec::as_slice).unwrap_or(&[]);
             for kv in kvs {

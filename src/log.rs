@@ -5,8 +5,8 @@
 //! the queue is full the event is dropped and counted; the count is itself
 //! logged (`log.dropped`) as soon as there is room. The audit trail of what
 //! the router serves (route and etcd events, [`Logger::audit`]) has a queue
-//! of its own that drops nothing: its volume is bounded by etcd's changes,
-//! and large snapshots are summarised (`route_set`). Only the log thread
+//! of its own that drops nothing: its sender, discovery, waits instead when
+//! it is full, and large snapshots are logged compactly (`route_set`). Only the log thread
 //! touches the sink, so a slow disk or a dead collector slows nothing else.
 
 use std::fs::{File, OpenOptions};
@@ -18,14 +18,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 use serde_json::{Map, Value};
 
 use crate::cidr::IpText;
 
-/// Events queued beyond this are dropped (and counted). At a few hundred
-/// bytes an event this bounds the queue to a few MiB.
-pub const LOG_QUEUE_CAPACITY: usize = 16_384;
+/// Events queued beyond this are dropped (and counted). The queue's slots
+/// are allocated whole at start (224 bytes each: 1.8 MiB); the log thread
+/// empties it every [`LOG_TICK_MILLIS`], when at 40,000 requests a second
+/// it holds 2,000.
+pub const LOG_QUEUE_CAPACITY: usize = 8_192;
+/// Audit events queued at most: past this their sender (discovery) waits
+/// for the log thread, which writes them as they come. A large snapshot's
+/// `route.bulk` lines are then not all held in memory at once.
+pub const AUDIT_QUEUE_CAPACITY: usize = 16;
+/// A line this long is written without waiting for others.
+const LONG_LINE_BYTES: usize = 16 * 1024;
 /// Lines written or POSTed together.
 pub const LOG_BATCH_MAX_LINES: usize = 500;
 /// A `--logurl` batch is sent at the latest this long after its first line.
@@ -65,6 +73,8 @@ pub struct RequestRecord {
 enum Payload {
     Request(RequestRecord),
     Event(&'static str, Map<String, Value>),
+    /// Fields already written as JSON object members (`"a":1,"b":[…]`).
+    Raw(&'static str, String),
     Shutdown,
 }
 
@@ -102,8 +112,23 @@ impl Logger {
         self.send(Payload::Request(record));
     }
 
+    /// [`Logger::audit`] with the fields already written as JSON object
+    /// members (`"a":1,"b":[…]`, see [`push_json_str`]): for events that
+    /// list thousands of items, which as JSON values would cost ten times
+    /// their text.
+    pub fn audit_raw(&self, name: &'static str, members: String) {
+        let msg = Message {
+            at: SystemTime::now(),
+            payload: Payload::Raw(name, members),
+        };
+        let _ = self.audit_tx.send(msg);
+    }
+
     /// Logs an event of the audit trail (route and etcd events): never
-    /// dropped, for discovery only (its volume is bounded by etcd's).
+    /// dropped.
+    ///
+    /// Waits while [`AUDIT_QUEUE_CAPACITY`] events are queued: never call it
+    /// on the request path.
     pub fn audit(&self, name: &'static str, fields: Value) {
         let fields = match fields {
             Value::Object(map) => map,
@@ -192,7 +217,7 @@ pub fn start(dest: Destination) -> io::Result<(Logger, LogThread)> {
         Destination::Url(url) => Sink::Url(UrlSink::new(url)),
     };
     let (tx, rx) = crossbeam_channel::bounded(LOG_QUEUE_CAPACITY);
-    let (audit_tx, audit_rx) = crossbeam_channel::unbounded();
+    let (audit_tx, audit_rx) = crossbeam_channel::bounded(AUDIT_QUEUE_CAPACITY);
     let dropped = Arc::new(AtomicU64::new(0));
     let logger = Logger {
         tx,
@@ -226,8 +251,34 @@ fn run(queues: [Receiver<Message>; 2], mut sink: Sink, dropped: Arc<AtomicU64>) 
     let mut reported_dropped = 0u64;
     let mut batch: Vec<String> = Vec::with_capacity(LOG_BATCH_MAX_LINES);
     let mut stopping = false;
+    let tick = Duration::from_millis(LOG_TICK_MILLIS);
+    let mut next_tick = Instant::now() + tick;
     while !stopping {
-        std::thread::sleep(Duration::from_millis(LOG_TICK_MILLIS));
+        // Audit events are written as they come (they are rare, and their
+        // sender waits when the queue is full); request lines once a tick.
+        let now = Instant::now();
+        if now < next_tick {
+            match queues[0].recv_timeout(next_tick - now) {
+                Ok(msg) => {
+                    stopping |= push_line(&mut batch, msg);
+                    while let Ok(msg) = queues[0].try_recv() {
+                        stopping |= push_line(&mut batch, msg);
+                        if batch.len() >= LOG_BATCH_MAX_LINES {
+                            sink.write(&mut batch);
+                        }
+                    }
+                    sink.write(&mut batch);
+                    // At shutdown, one last round below: requests queued,
+                    // the dropped count.
+                    if !stopping {
+                        continue;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => stopping = true,
+            }
+        }
+        next_tick = Instant::now() + tick;
         for rx in &queues {
             loop {
                 match rx.try_recv() {
@@ -238,7 +289,12 @@ fn run(queues: [Receiver<Message>; 2], mut sink: Sink, dropped: Arc<AtomicU64>) 
                         break;
                     }
                 }
-                if batch.len() >= LOG_BATCH_MAX_LINES {
+                // A long line (a `route.bulk` of hundreds of routes) goes
+                // out at once: a large snapshot's lines are not all held
+                // here together.
+                if batch.len() >= LOG_BATCH_MAX_LINES
+                    || batch.last().is_some_and(|l| l.len() > LONG_LINE_BYTES)
+                {
                     sink.write(&mut batch);
                 }
             }
@@ -269,6 +325,14 @@ fn push_line(batch: &mut Vec<String>, msg: Message) -> bool {
     match msg.payload {
         Payload::Shutdown => return true,
         Payload::Event(name, fields) => batch.push(render_event(msg.at, name, &fields)),
+        Payload::Raw(name, members) => {
+            let mut line = render_event(msg.at, name, &Map::new());
+            line.pop();
+            line.push(',');
+            line.push_str(&members);
+            line.push('}');
+            batch.push(line);
+        }
         Payload::Request(r) => batch.push(render_request(msg.at, &r)),
     }
     false
@@ -372,7 +436,7 @@ fn push_json_opt(line: &mut String, s: Option<&str>) {
 
 /// A JSON string (RFC 8259 §7): quotes, backslashes and control
 /// characters escaped, everything else as it is.
-fn push_json_str(line: &mut String, s: &str) {
+pub fn push_json_str(line: &mut String, s: &str) {
     use std::fmt::Write as _;
     line.push('"');
     let mut rest = s;
@@ -682,22 +746,23 @@ mod tests {
     #[test]
     fn full_queue_drops_and_counts_without_blocking() {
         let (tx, _rx) = crossbeam_channel::bounded(2);
-        let (audit_tx, audit_rx) = crossbeam_channel::unbounded();
+        let (audit_tx, audit_rx) = crossbeam_channel::bounded(AUDIT_QUEUE_CAPACITY);
         let logger = Logger {
             tx,
             audit_tx,
             dropped: Arc::new(AtomicU64::new(0)),
         };
+        let reader = std::thread::spawn(move || audit_rx.iter().take(50_000).count());
         for _ in 0..5 {
             logger.event("test", json!({}));
         }
         assert_eq!(logger.dropped(), 3);
-        // The audit queue takes everything.
+        // The audit queue drops nothing: its sender waits.
         for _ in 0..50_000 {
             logger.audit("route.add", json!({}));
         }
         assert_eq!(logger.dropped(), 3);
-        assert_eq!(audit_rx.len(), 50_000);
+        assert_eq!(reader.join().unwrap(), 50_000);
     }
 
     #[test]
@@ -706,7 +771,7 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let file = open_log_file(&path).unwrap();
         let (tx, rx) = crossbeam_channel::bounded(4);
-        let (audit_tx, audit_rx) = crossbeam_channel::unbounded();
+        let (audit_tx, audit_rx) = crossbeam_channel::bounded(AUDIT_QUEUE_CAPACITY);
         let dropped = Arc::new(AtomicU64::new(0));
         let logger = Logger {
             tx,

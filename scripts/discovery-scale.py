@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""Discovery at scale, against a real etcd (v3, no v2) on loopback.
+
+    scripts/discovery-scale.py [ROUTER_BINARY] [DOMAINS]
+
+Loads DOMAINS (default 10,000) domains of 3 routes each, starts the router
+and reports:
+  - the time from start to the first request served for the last domain,
+  - the router's peak RSS (VmHWM) after start-up and after everything below,
+  - write -> served latency of single changes (median, p99 of 200) at this
+    size, the measure of a change costing the changed domain, not the table,
+  - a burst of 5,000 changes written within about a second: how long until
+    the last one is served, and whether any resync happened,
+  - whether any log line was dropped and how many route events were logged.
+Needs etcd (Debian etcd-server) and python3. Every process is stopped on exit.
+"""
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+ROUTER = sys.argv[1] if len(sys.argv) > 1 else "target/release/httprouter"
+DOMAINS = int(sys.argv[2]) if len(sys.argv) > 2 else 10_000
+PROCS = []
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def b64(s):
+    return base64.b64encode(s.encode()).decode()
+
+
+def post(url, body):
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def get_status(port, host):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = s.recv(4096)
+        return data, int(data.split(b" ", 2)[1]) if data else 0
+    finally:
+        s.close()
+
+
+def backend(port):
+    """A backend that answers its port, for every request."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(128)
+
+    def serve():
+        while True:
+            c, _ = srv.accept()
+            try:
+                c.recv(65536)
+                body = str(port).encode()
+                c.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            except OSError:
+                pass
+            c.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
+def vm_hwm(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def served_by(port, host, want):
+    data, status = get_status(port, host)
+    return status == 200 and data.endswith(str(want).encode())
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="httprouter-scale-")
+    try:
+        cport, pport, rport = free_port(), free_port(), free_port()
+        etcd_url = f"http://127.0.0.1:{cport}"
+        PROCS.append(subprocess.Popen(
+            ["etcd", "--name=s", f"--data-dir={tmp}/etcd", f"--listen-client-urls={etcd_url}",
+             f"--advertise-client-urls={etcd_url}", f"--listen-peer-urls=http://127.0.0.1:{pport}",
+             f"--initial-advertise-peer-urls=http://127.0.0.1:{pport}",
+             f"--initial-cluster=s=http://127.0.0.1:{pport}", "--log-level=error",
+             "--quota-backend-bytes=8589934592"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{etcd_url}/version", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        b1, b2 = free_port(), free_port()
+        backend(b1)
+        backend(b2)
+        keys = [f"/domains/d{d}.example.com/r{r}" for d in range(DOMAINS) for r in range(3)]
+        for i in range(0, len(keys), 120):
+            post(f"{etcd_url}/v3/kv/txn", {"success": [
+                {"request_put": {"key": b64(k), "value": b64(f"http://127.0.0.1:{b1}")}} for k in keys[i:i + 120]]})
+        log = f"{tmp}/router.log"
+        started = time.monotonic()
+        router = subprocess.Popen([ROUTER, "--listen", f"127.0.0.1:{rport}", "--etcdurl", etcd_url,
+                                   "--logfile", log])
+        PROCS.append(router)
+        last = f"d{DOMAINS - 1}.example.com"
+        while True:
+            try:
+                if served_by(rport, last, b1):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.005)
+        first = time.monotonic() - started
+        rss_start = vm_hwm(router.pid)
+        print(f"{DOMAINS} domains x 3 routes: first request for the last domain served {first:.2f} s after start; "
+              f"peak RSS {rss_start:.1f} MiB")
+
+        lat = []
+        for i in range(200):
+            host = f"d{(i * 37) % DOMAINS}.example.com"
+            key = f"/domains/{host}/r{i % 3}"
+            want = b2 if i % 2 == 0 else b1
+            # Every route of the domain to the same backend, so any answer tells.
+            for r in range(3):
+                if f"r{r}" != f"r{i % 3}":
+                    post(f"{etcd_url}/v3/kv/put", {"key": b64(f"/domains/{host}/r{r}"),
+                                                   "value": b64(f"http://127.0.0.1:{want}")})
+            t0 = time.monotonic()
+            post(f"{etcd_url}/v3/kv/put", {"key": b64(key), "value": b64(f"http://127.0.0.1:{want}")})
+            t_written = time.monotonic()
+            while not all(served_by(rport, host, want) for _ in range(3)):
+                pass
+            lat.append((time.monotonic() - t_written) * 1000)
+            del t0
+        lat.sort()
+        print(f"write -> served at {DOMAINS} domains: median {statistics.median(lat):.2f} ms, "
+              f"p99 {lat[int(len(lat) * 0.99) - 1]:.2f} ms (200 changes; includes the polling requests)")
+
+        t0 = time.monotonic()
+        burst = [f"/domains/burst{i}.example.com/r" for i in range(5000)]
+        for i in range(0, len(burst), 120):
+            post(f"{etcd_url}/v3/kv/txn", {"success": [
+                {"request_put": {"key": b64(k), "value": b64(f"http://127.0.0.1:{b2}")}} for k in burst[i:i + 120]]})
+        written = time.monotonic() - t0
+        while not served_by(rport, "burst4999.example.com", b2):
+            time.sleep(0.001)
+        done = time.monotonic() - t0
+        time.sleep(1)
+        rss_end = vm_hwm(router.pid)
+        events = [json.loads(l) for l in open(log)]
+        names = {}
+        for e in events:
+            names[e["event"]] = names.get(e["event"], 0) + 1
+        listed = sum(len(e.get("items", [])) for e in events if e["event"] == "route.bulk")
+        print(f"burst of 5,000 changes written in {written:.2f} s: the last served {done:.2f} s after the first write; "
+              f"resyncs: {names.get('etcd.resync', 0)}")
+        print(f"peak RSS after all of it: {rss_end:.1f} MiB; log.dropped lines: {names.get('log.dropped', 0)}; "
+              f"route events: {names.get('route.add', 0)} route.add, {names.get('route.change', 0)} route.change, "
+              f"{names.get('route.bulk', 0)} route.bulk lines listing {listed}")
+    finally:
+        for p in PROCS:
+            p.send_signal(signal.SIGTERM)
+        for p in PROCS:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
