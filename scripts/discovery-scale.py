@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Discovery at scale, against a real etcd (v3, no v2) on loopback.
 
-    scripts/discovery-scale.py [ROUTER_BINARY] [DOMAINS]
+    [API=v2] scripts/discovery-scale.py [ROUTER_BINARY] [DOMAINS]
 
 Loads DOMAINS (default 10,000) domains of 3 routes each, starts the router
 and reports:
@@ -12,7 +12,9 @@ and reports:
   - a burst of 5,000 changes written within about a second: how long until
     the last one is served, and whether any resync happened,
   - whether any log line was dropped and how many route events were logged.
-Needs etcd (Debian etcd-server) and python3. Every process is stopped on exit.
+API=v2 writes through v2 instead (etcd started with --enable-v2; loading is
+slower, one PUT per key). Needs etcd (Debian etcd-server) and python3. Every
+process is stopped on exit.
 """
 
 import base64
@@ -27,10 +29,12 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 
 ROUTER = sys.argv[1] if len(sys.argv) > 1 else "target/release/httprouter"
 DOMAINS = int(sys.argv[2]) if len(sys.argv) > 2 else 10_000
+API = os.environ.get("API", "v3")
 PROCS = []
 
 
@@ -48,6 +52,33 @@ def post(url, body):
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
+
+
+def put_many(etcd_url, pairs):
+    """Writes (key, value) pairs: v3 transactions of 120, or v2 PUTs on 8 threads."""
+    if API == "v3":
+        for i in range(0, len(pairs), 120):
+            post(f"{etcd_url}/v3/kv/txn", {"success": [
+                {"request_put": {"key": b64(k), "value": b64(v)}} for k, v in pairs[i:i + 120]]})
+        return
+    def worker(part):
+        for k, v in part:
+            put_one(etcd_url, k, v)
+    threads = [threading.Thread(target=worker, args=(pairs[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def put_one(etcd_url, key, value):
+    if API == "v3":
+        post(f"{etcd_url}/v3/kv/put", {"key": b64(key), "value": b64(value)})
+        return
+    data = urllib.parse.urlencode({"value": value}).encode()
+    req = urllib.request.Request(f"{etcd_url}/v2/keys{key}", data, method="PUT")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        r.read()
 
 
 def get_status(port, host):
@@ -104,7 +135,7 @@ def main():
              f"--advertise-client-urls={etcd_url}", f"--listen-peer-urls=http://127.0.0.1:{pport}",
              f"--initial-advertise-peer-urls=http://127.0.0.1:{pport}",
              f"--initial-cluster=s=http://127.0.0.1:{pport}", "--log-level=error",
-             "--quota-backend-bytes=8589934592"],
+             "--quota-backend-bytes=8589934592", f"--enable-v2={'true' if API == 'v2' else 'false'}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for _ in range(100):
             try:
@@ -116,9 +147,7 @@ def main():
         backend(b1)
         backend(b2)
         keys = [f"/domains/d{d}.example.com/r{r}" for d in range(DOMAINS) for r in range(3)]
-        for i in range(0, len(keys), 120):
-            post(f"{etcd_url}/v3/kv/txn", {"success": [
-                {"request_put": {"key": b64(k), "value": b64(f"http://127.0.0.1:{b1}")}} for k in keys[i:i + 120]]})
+        put_many(etcd_url, [(k, f"http://127.0.0.1:{b1}") for k in keys])
         log = f"{tmp}/router.log"
         started = time.monotonic()
         router = subprocess.Popen([ROUTER, "--listen", f"127.0.0.1:{rport}", "--etcdurl", etcd_url,
@@ -134,7 +163,7 @@ def main():
             time.sleep(0.005)
         first = time.monotonic() - started
         rss_start = vm_hwm(router.pid)
-        print(f"{DOMAINS} domains x 3 routes: first request for the last domain served {first:.2f} s after start; "
+        print(f"{API}, {DOMAINS} domains x 3 routes: first request for the last domain served {first:.2f} s after start; "
               f"peak RSS {rss_start:.1f} MiB")
 
         lat = []
@@ -145,24 +174,19 @@ def main():
             # Every route of the domain to the same backend, so any answer tells.
             for r in range(3):
                 if f"r{r}" != f"r{i % 3}":
-                    post(f"{etcd_url}/v3/kv/put", {"key": b64(f"/domains/{host}/r{r}"),
-                                                   "value": b64(f"http://127.0.0.1:{want}")})
-            t0 = time.monotonic()
-            post(f"{etcd_url}/v3/kv/put", {"key": b64(key), "value": b64(f"http://127.0.0.1:{want}")})
+                    put_one(etcd_url, f"/domains/{host}/r{r}", f"http://127.0.0.1:{want}")
+            put_one(etcd_url, key, f"http://127.0.0.1:{want}")
             t_written = time.monotonic()
             while not all(served_by(rport, host, want) for _ in range(3)):
                 pass
             lat.append((time.monotonic() - t_written) * 1000)
-            del t0
         lat.sort()
         print(f"write -> served at {DOMAINS} domains: median {statistics.median(lat):.2f} ms, "
               f"p99 {lat[int(len(lat) * 0.99) - 1]:.2f} ms (200 changes; includes the polling requests)")
 
         t0 = time.monotonic()
         burst = [f"/domains/burst{i}.example.com/r" for i in range(5000)]
-        for i in range(0, len(burst), 120):
-            post(f"{etcd_url}/v3/kv/txn", {"success": [
-                {"request_put": {"key": b64(k), "value": b64(f"http://127.0.0.1:{b2}")}} for k in burst[i:i + 120]]})
+        put_many(etcd_url, [(k, f"http://127.0.0.1:{b2}") for k in burst])
         written = time.monotonic() - t0
         while not served_by(rport, "burst4999.example.com", b2):
             time.sleep(0.001)

@@ -9,6 +9,7 @@
 use std::io::Read;
 use std::time::Duration;
 
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 use crate::etcd::{Api, Change, EtcdError, Event, Leaf, Revision, Snapshot, Watch, Watched};
@@ -133,20 +134,10 @@ impl Api for EtcdV2 {
                 "snapshot without X-Etcd-Index",
             ));
         };
-        let body = answer.json()?;
-        let node = &body["node"];
-        let mut leaves = Vec::new();
-        let root_is_leaf = node["dir"].as_bool() != Some(true);
-        if root_is_leaf {
-            if let (Some(key), Some(value)) = (node["key"].as_str(), node["value"].as_str()) {
-                leaves.push(Leaf {
-                    key: key.into(),
-                    value: value.into(),
-                });
-            }
-        } else {
-            collect_leaves(node, &mut leaves);
-        }
+        let bytes = answer.bytes()?;
+        let (leaves, root_is_leaf) = snapshot_leaves(&bytes).map_err(|e| {
+            EtcdError::new(endpoint, "bad_answer", format!("invalid snapshot ({e})"))
+        })?;
         Ok(Snapshot {
             revision: index,
             leaves,
@@ -344,15 +335,22 @@ impl Answer {
         }
     }
 
-    fn json(self) -> Result<Value, EtcdError> {
+    /// The whole body, or the error a snapshot or an error answer makes
+    /// of a body that did not arrive.
+    fn bytes(self) -> Result<Vec<u8>, EtcdError> {
         let endpoint = self.endpoint.clone();
-        let bytes = self.read().map_err(|e| {
+        self.read().map_err(|e| {
             let detail = match e {
                 BodyError::Idle => format!("no data for {WATCH_IDLE_TIMEOUT_SECS}s"),
                 BodyError::Cut(d) => d,
             };
             EtcdError::new(&endpoint, "unreachable", detail)
-        })?;
+        })
+    }
+
+    fn json(self) -> Result<Value, EtcdError> {
+        let endpoint = self.endpoint.clone();
+        let bytes = self.bytes()?;
         serde_json::from_slice(&bytes)
             .map_err(|e| EtcdError::new(&endpoint, "bad_answer", format!("invalid JSON ({e})")))
     }
@@ -397,19 +395,110 @@ fn percent_encode_segment(segment: &str, out: &mut String) {
     }
 }
 
-fn collect_leaves(node: &Value, out: &mut Vec<Leaf>) {
-    let Some(children) = node["nodes"].as_array() else {
-        return;
-    };
-    for child in children {
-        if child["dir"].as_bool() == Some(true) {
-            collect_leaves(child, out);
-        } else if let Some(key) = child["key"].as_str() {
-            out.push(Leaf {
-                key: key.to_string(),
-                value: child["value"].as_str().unwrap_or_default().to_string(),
+/// The leaves of a recursive snapshot, and whether the directory's key is a
+/// plain value. Read straight off the JSON with serde's visitors: as a
+/// `serde_json::Value`, 30,000 routes took 20 MB more than their text.
+fn snapshot_leaves(body: &[u8]) -> Result<(Vec<Leaf>, bool), serde_json::Error> {
+    let mut leaves = Vec::new();
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let root_is_dir = SnapshotAnswer(&mut leaves).deserialize(&mut de)?;
+    de.end()?;
+    Ok((leaves, !root_is_dir))
+}
+
+/// `{"action":…,"node":{…}}`: the node's leaves go to the vector; says
+/// whether the node is a directory.
+struct SnapshotAnswer<'a>(&'a mut Vec<Leaf>);
+
+impl<'de> DeserializeSeed<'de> for SnapshotAnswer<'_> {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for SnapshotAnswer<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an etcd v2 answer")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        let mut dir = None;
+        while let Some(name) = map.next_key::<String>()? {
+            if name == "node" {
+                dir = Some(map.next_value_seed(Node(&mut *self.0))?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        dir.ok_or_else(|| serde::de::Error::missing_field("node"))
+    }
+}
+
+/// One node: a leaf is pushed, a directory's `nodes` walked.
+struct Node<'a>(&'a mut Vec<Leaf>);
+
+impl<'de> DeserializeSeed<'de> for Node<'_> {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Node<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an etcd v2 node")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        let (mut key, mut value, mut dir) = (None, None, false);
+        while let Some(name) = map.next_key::<String>()? {
+            match name.as_str() {
+                "key" => key = Some(map.next_value::<String>()?),
+                "value" => value = Some(map.next_value::<String>()?),
+                "dir" => dir = map.next_value::<bool>()?,
+                "nodes" => map.next_value_seed(Children(&mut *self.0))?,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        if !dir && let Some(key) = key {
+            self.0.push(Leaf {
+                key,
+                value: value.unwrap_or_default(),
             });
         }
+        Ok(dir)
+    }
+}
+
+struct Children<'a>(&'a mut Vec<Leaf>);
+
+impl<'de> DeserializeSeed<'de> for Children<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Children<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of etcd v2 nodes")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Node(&mut *self.0))?.is_some() {}
+        Ok(())
     }
 }
 
@@ -548,13 +637,31 @@ mod tests {
  "modifiedIndex":4,"createdIndex":4}}"#,
         )
         .unwrap();
-        let mut leaves = Vec::new();
-        collect_leaves(&body["node"], &mut leaves);
+        let (leaves, root_is_leaf) = snapshot_leaves(body.to_string().as_bytes()).unwrap();
         let keys: Vec<_> = leaves.iter().map(|l| l.key.as_str()).collect();
         assert_eq!(
             keys,
             ["/domains/example.com/api", "/domains/other.org/nested/deep"]
         );
+        assert!(!root_is_leaf);
+        let (leaves, root_is_leaf) =
+            snapshot_leaves(br#"{"action":"get","node":{"key":"/domains","value":"oops"}}"#)
+                .unwrap();
+        assert!(root_is_leaf);
+        assert_eq!(leaves[0].value, "oops");
+        for bad in [
+            &b"{}"[..],
+            b"[]",
+            b"{\"node\":5}",
+            b"{\"node\":{\"nodes\":{}}}",
+            b"{\"node\":{}} x",
+        ] {
+            assert!(
+                snapshot_leaves(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]
