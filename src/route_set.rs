@@ -279,19 +279,28 @@ impl RouteSet {
     }
 
     /// The route `key = value` names: `Ok(None)` for a hidden key, `Err`
-    /// with the reason for anything unusable.
-    fn parse_route(&self, key: &str, value: &str) -> Result<Option<Route>, String> {
+    /// with the reason for anything unusable (and the value, clipped).
+    fn parse_route(&self, key: &str, value: String) -> Result<Option<Route>, (String, String)> {
         match self.shape(key) {
             KeyShape::Hidden => Ok(None),
-            KeyShape::Other => Err(format!(
-                "key is not of the form {}/<domain>/<route-name>",
-                self.prefix
+            KeyShape::Other => Err((
+                format!(
+                    "key is not of the form {}/<domain>/<route-name>",
+                    self.prefix
+                ),
+                clip(&value),
             )),
             KeyShape::Route { domain } => {
-                let domain = normalise_host(domain)
-                    .ok_or_else(|| format!("'{domain}' is not a valid host name"))?;
-                let backend = Backend::parse(key, value)
-                    .map_err(|e| format!("value is not a usable backend URL: {e}"))?;
+                let Some(domain) = normalise_host(domain) else {
+                    return Err((format!("'{domain}' is not a valid host name"), clip(&value)));
+                };
+                let backend =
+                    Backend::from_owned(key.to_string(), value).map_err(|(e, value)| {
+                        (
+                            format!("value is not a usable backend URL: {e}"),
+                            clip(&value),
+                        )
+                    })?;
                 // The domain's other routes already hold its name.
                 let domain = match self.by_domain.get_key_value(domain.as_str()) {
                     Some((name, _)) => Arc::clone(name),
@@ -335,12 +344,12 @@ impl RouteSet {
 
     /// `key = value` from etcd: a route, or a rejection that also removes
     /// what the key named before (it no longer names a usable backend).
-    fn upsert(&mut self, key: &str, value: &str, diff: &mut Diff) {
+    fn upsert(&mut self, key: &str, value: String, diff: &mut Diff) {
         match self.parse_route(key, value) {
             Ok(None) => {}
             Ok(Some(route)) => self.set(key, Some(route), "", diff),
-            Err(error) => {
-                diff.rejected.push((key.to_string(), clip(value), error));
+            Err((error, clipped)) => {
+                diff.rejected.push((key.to_string(), clipped, error));
                 self.set(key, None, "invalid", diff);
             }
         }
@@ -349,7 +358,7 @@ impl RouteSet {
     /// Applies one change from a watch.
     pub fn apply(&mut self, change: &Change, diff: &mut Diff) {
         match change {
-            Change::Upsert { key, value } => self.upsert(key, value, diff),
+            Change::Upsert { key, value } => self.upsert(key, value.clone(), diff),
             Change::Nothing => {}
             Change::Remove { key, dir, reason } => {
                 if *dir {
@@ -402,8 +411,8 @@ impl RouteSet {
         for key in gone {
             self.set(&key, None, reason, &mut diff);
         }
-        for leaf in leaves {
-            self.upsert(&leaf.key, &leaf.value, &mut diff);
+        for Leaf { key, value } in leaves {
+            self.upsert(&key, value, &mut diff);
         }
         diff
     }

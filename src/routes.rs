@@ -44,12 +44,26 @@ impl Backend {
     /// from whoever can write to etcd, and anything else (empty values,
     /// `https://`, free text, JSON) must be refused rather than guessed at.
     pub fn parse(key: &str, value: &str) -> Result<Backend, BadBackendUrl> {
-        let url = HttpUrl::parse(value).map_err(BadBackendUrl)?;
+        Backend::from_owned(key.to_string(), value.to_string()).map_err(|(e, _)| e)
+    }
+
+    /// [`Backend::parse`], keeping the strings given (a snapshot's 30,000
+    /// keys and values are not copied); a refused value comes back.
+    pub fn from_owned(key: String, mut value: String) -> Result<Backend, (BadBackendUrl, String)> {
+        let url = match HttpUrl::parse(&value) {
+            Ok(url) => url,
+            Err(e) => return Err((BadBackendUrl(e), value)),
+        };
+        let (authority, base_path) = (url.authority(), url.path.trim_end_matches('/').to_string());
+        let trimmed = value.trim();
+        if trimmed.len() != value.len() {
+            value = trimmed.to_string();
+        }
         Ok(Backend {
-            key: key.to_string(),
-            url: value.trim().to_string(),
-            authority: url.authority(),
-            base_path: url.path.trim_end_matches('/').to_string(),
+            key,
+            url: value,
+            authority,
+            base_path,
         })
     }
 }
