@@ -166,7 +166,9 @@ impl Api for EtcdV2 {
         let answer = get(&self.probe_agent, &url, endpoint).map_err(unresponsive)?;
         match answer.status {
             200 => Ok(()),
-            404 if answer.etcd_index.is_some() => Ok(()),
+            // etcd's own "not found" (or "not a directory", should the
+            // directory be a plain key): an answer from the cluster.
+            400..=499 if answer.etcd_index.is_some() => Ok(()),
             404 => Err(v2_disabled(endpoint)),
             _ => Err(answer.status_error()),
         }

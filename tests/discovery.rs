@@ -341,3 +341,55 @@ fn second_endpoint_is_used_when_the_first_is_down() {
     let listen = router.wait_event("etcd.listen", |_| true);
     assert_eq!(listen["endpoint"], etcd.url());
 }
+
+/// v2 through a three-member cluster: the watched member frozen (SIGSTOP:
+/// it accepts connections and never answers), then killed; each time a
+/// change written through another member is served.
+#[test]
+fn a_frozen_or_killed_v2_member_is_left_for_the_next() {
+    let mut members = Etcd::cluster_with_v2();
+    let urls: Vec<String> = members.iter().map(Etcd::url).collect();
+    let (b1, b2, b3) = (
+        Backend::start("v2a"),
+        Backend::start("v2b"),
+        Backend::start("v2c"),
+    );
+    members[0].put(&format!("{D}/ha2.example.com/1"), &b1.url());
+    let router = Router::start(&urls.join(","), &["--etcd-api", "v2"]);
+    router.wait_backends("ha2.example.com", &["v2a"]);
+    let watched = |key: &str| -> usize {
+        router.wait_event("route.add", |e| e["key"] == key);
+        let listen = router.events_named("etcd.listen");
+        let url = listen.last().expect("an etcd.listen event")["endpoint"].clone();
+        urls.iter()
+            .position(|u| *u == url)
+            .expect("a known endpoint")
+    };
+    let first = watched(&format!("{D}/ha2.example.com/1"));
+    members[first].freeze();
+    let other = (first + 1) % 3;
+    // Retried while an election (the frozen member led) holds writes.
+    common::eventually("a v2 write through another member", || {
+        members[other].put(&format!("{D}/ha2.example.com/2"), &b2.url())["node"]
+            .as_object()
+            .map(|_| ())
+    });
+    let written = std::time::Instant::now();
+    router.wait_backends("ha2.example.com", &["v2a", "v2b"]);
+    let took = written.elapsed();
+    eprintln!("v2 member frozen: change served after {took:?}");
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    let e = router.wait_event("etcd.error", |e| e["kind"] == "unresponsive");
+    assert_eq!(e["endpoint"], urls[first], "{e}");
+    members[first].thaw();
+
+    let second = watched(&format!("{D}/ha2.example.com/2"));
+    members[second].kill();
+    let alive = (second + 1) % 3;
+    common::eventually("a v2 write after the kill", || {
+        members[alive].put(&format!("{D}/ha2.example.com/3"), &b3.url())["node"]
+            .as_object()
+            .map(|_| ())
+    });
+    router.wait_backends("ha2.example.com", &["v2a", "v2b", "v2c"]);
+}

@@ -143,15 +143,24 @@ impl Etcd {
         etcd
     }
 
-    /// A three-member cluster without v2, each member on its own ports
+    /// A three-member cluster (v3 only), each member on its own ports
     /// and data dir; returns once it has a leader.
     pub fn cluster() -> Vec<Etcd> {
+        Etcd::cluster_with(false)
+    }
+
+    /// [`Etcd::cluster`] with the v2 API on.
+    pub fn cluster_with_v2() -> Vec<Etcd> {
+        Etcd::cluster_with(true)
+    }
+
+    fn cluster_with(v2: bool) -> Vec<Etcd> {
         let mut members: Vec<Etcd> = (0..3)
             .map(|i| Etcd {
                 child: None,
                 client_port: free_port(),
                 peer_port: free_port(),
-                v2: false,
+                v2,
                 dir: TempDir::new("etcd-member"),
                 member: Some((format!("m{i}"), String::new())),
             })
