@@ -7,8 +7,9 @@ Loads DOMAINS (default 10,000) domains of 3 routes each, starts the router
 and reports:
   - the time from start to the first request served for the last domain,
   - the router's peak RSS (VmHWM) after start-up and after everything below,
-  - write -> served latency of single changes (median, p99 of 200) at this
-    size, the measure of a change costing the changed domain, not the table,
+  - write -> served latency of single changes (median, p99 of 200 new
+    domains) at this size, the measure of a change costing the changed
+    domain, not the table,
   - a burst of 5,000 changes written within about a second: how long until
     the last one is served, and whether any resync happened,
   - whether any log line was dropped and how many route events were logged.
@@ -166,23 +167,18 @@ def main():
         print(f"{API}, {DOMAINS} domains x 3 routes: first request for the last domain served {first:.2f} s after start; "
               f"peak RSS {rss_start:.1f} MiB")
 
+        # A new domain each time: one request tells whether it is served.
         lat = []
         for i in range(200):
-            host = f"d{(i * 37) % DOMAINS}.example.com"
-            key = f"/domains/{host}/r{i % 3}"
-            want = b2 if i % 2 == 0 else b1
-            # Every route of the domain to the same backend, so any answer tells.
-            for r in range(3):
-                if f"r{r}" != f"r{i % 3}":
-                    put_one(etcd_url, f"/domains/{host}/r{r}", f"http://127.0.0.1:{want}")
-            put_one(etcd_url, key, f"http://127.0.0.1:{want}")
+            host = f"lat{i}.example.com"
+            put_one(etcd_url, f"/domains/{host}/r", f"http://127.0.0.1:{b2}")
             t_written = time.monotonic()
-            while not all(served_by(rport, host, want) for _ in range(3)):
+            while not served_by(rport, host, b2):
                 pass
             lat.append((time.monotonic() - t_written) * 1000)
         lat.sort()
         print(f"write -> served at {DOMAINS} domains: median {statistics.median(lat):.2f} ms, "
-              f"p99 {lat[int(len(lat) * 0.99) - 1]:.2f} ms (200 changes; includes the polling requests)")
+              f"p99 {lat[int(len(lat) * 0.99) - 1]:.2f} ms (200 new domains; one polling request is about 0.1 ms)")
 
         t0 = time.monotonic()
         burst = [f"/domains/burst{i}.example.com/r" for i in range(5000)]
