@@ -395,6 +395,9 @@ impl RouteSet {
         if root_is_leaf {
             leaves.clear();
         }
+        if self.routes.is_empty() {
+            diff.added.reserve_exact(leaves.len());
+        }
         // Sorted (v3 ranges are already; v2 lists children in random
         // order), the keys that are gone are found without another set.
         leaves.sort_unstable_by(|a, b| a.key.cmp(&b.key));
