@@ -114,6 +114,10 @@ pub struct Discovery {
     /// Failures in a row, to know when every endpoint has failed once.
     failures: usize,
     state_loaded: bool,
+    /// A snapshot from etcd has been applied.
+    synced: bool,
+    /// The current member answered since the last failure.
+    member_checked: bool,
     /// Changes not yet in the state file.
     unsaved: bool,
     saved_at: Option<Instant>,
@@ -142,6 +146,8 @@ impl Discovery {
             backoff: Backoff::new(),
             failures: 0,
             state_loaded: false,
+            synced: false,
+            member_checked: false,
             unsaved: false,
             saved_at: None,
             next_resync: None,
@@ -248,15 +254,24 @@ impl Discovery {
         let Some(api) = &self.api else {
             return Ok(());
         };
+        // A frozen member would hold the snapshot for its whole timeout.
+        api.probe(&endpoint)?;
         let Snapshot {
             revision,
             leaves,
             root_is_leaf,
         } = api.snapshot(&endpoint)?;
+        let reason = if reason == "start" && self.synced {
+            "resync"
+        } else {
+            reason
+        };
         let removal = if reason == "start" { "resync" } else { reason };
         let diff = self.routes.replace(leaves, root_is_leaf, removal);
         self.publish(&diff, Some(revision));
         self.revision = Some(revision);
+        self.synced = true;
+        self.member_checked = true;
         self.announced = false;
         self.backoff.reset();
         self.failures = 0;
@@ -310,6 +325,14 @@ impl Discovery {
         let Some(api) = &self.api else {
             return Ended::Reopen;
         };
+        // On a member not yet checked (after a failure), the probe first: a
+        // frozen one would hold the watch's first answer.
+        if !self.member_checked {
+            if let Err(e) = api.probe(&endpoint) {
+                return Ended::Failed(e);
+            }
+            self.member_checked = true;
+        }
         let watch = match api.watch(&endpoint, revision) {
             Ok(w) => w,
             Err(e) => return Ended::Failed(e),
@@ -392,6 +415,7 @@ impl Discovery {
                    "retry_in_ms": delay.as_millis() as u64, "routes": self.routes.len()}),
         );
         self.announced = false;
+        self.member_checked = false;
         self.current = (self.current + 1) % self.settings.endpoints.len().max(1);
         if self.revision.is_none() && self.failures >= self.settings.endpoints.len() {
             self.load_state();
