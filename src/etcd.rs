@@ -9,6 +9,35 @@
 //! and never parses an error to find out.
 
 use std::fmt;
+use std::time::Duration;
+
+/// A watch read that receives no byte for this long ends, and the next
+/// one starts from where it left off: etcd sends nothing at all on an idle
+/// watch. (Frozen members are found by the probe long before this.)
+pub const WATCH_IDLE_TIMEOUT_SECS: u64 = 60;
+/// A snapshot must arrive within this; a member without quorum answers a
+/// quorum read with an error after about 7 s.
+pub const SNAPSHOT_TIMEOUT_SECS: u64 = 15;
+/// The probe's whole exchange; a healthy member answers in milliseconds.
+pub const PROBE_TIMEOUT_MILLIS: u64 = 2_500;
+const CONNECT_TIMEOUT_SECS: u64 = 3;
+
+/// An HTTP client for etcd: no proxy, no redirects, statuses as answers;
+/// `global` bounds a whole exchange (none for watches).
+pub fn agent(global: Option<Duration>) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .proxy(None)
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .max_redirects_will_error(false)
+        .user_agent(concat!("httprouter/", env!("CARGO_PKG_VERSION")))
+        .timeout_connect(Some(Duration::from_secs(CONNECT_TIMEOUT_SECS)))
+        .timeout_recv_response(Some(Duration::from_secs(SNAPSHOT_TIMEOUT_SECS)))
+        .timeout_per_read(Some(Duration::from_secs(WATCH_IDLE_TIMEOUT_SECS)))
+        .timeout_global(global)
+        .build()
+        .new_agent()
+}
 
 /// etcd's position: the v2 index or the v3 revision, both cluster-wide
 /// counters of writes, so resuming on another member is exact.
@@ -123,6 +152,18 @@ impl fmt::Display for EtcdError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "etcd {}: {}", self.endpoint, self.detail)
     }
+}
+
+/// ureq reports a per-read timeout inside the body reader as an `io::Error`
+/// wrapping its own `Error::Timeout`.
+pub fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+    ) || e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<ureq::Error>())
+        .is_some_and(|u| matches!(u, ureq::Error::Timeout(_)))
 }
 
 /// One etcd API, v2 or v3, for one route directory.

@@ -12,18 +12,11 @@ use std::time::Duration;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
-use crate::etcd::{Api, Change, EtcdError, Event, Leaf, Revision, Snapshot, Watch, Watched};
+use crate::etcd::{
+    Api, Change, EtcdError, Event, Leaf, PROBE_TIMEOUT_MILLIS, Revision, SNAPSHOT_TIMEOUT_SECS,
+    Snapshot, WATCH_IDLE_TIMEOUT_SECS, Watch, Watched, agent, is_timeout,
+};
 
-/// A wait that receives no byte for this long ends, and the next one
-/// starts from where it left off: etcd sends nothing at all on an idle
-/// wait. (Frozen members are found by the probe long before this.)
-pub const WATCH_IDLE_TIMEOUT_SECS: u64 = 60;
-/// A snapshot must arrive within this; a member without quorum answers a
-/// `quorum=true` read with a 500 after about 7 s.
-pub const SNAPSHOT_TIMEOUT_SECS: u64 = 15;
-/// The probe's whole exchange; a healthy member answers in milliseconds.
-pub const PROBE_TIMEOUT_MILLIS: u64 = 2_500;
-const CONNECT_TIMEOUT_SECS: u64 = 3;
 /// No sane route tree is this large; the cap keeps a hostile value from
 /// eating the host's memory. etcd itself stores values up to 10 MiB.
 const MAX_BODY_BYTES: u64 = 256 * 1024 * 1024;
@@ -35,21 +28,6 @@ pub struct EtcdV2 {
     snapshot_agent: ureq::Agent,
     watch_agent: ureq::Agent,
     probe_agent: ureq::Agent,
-}
-
-fn agent(global: Option<Duration>) -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .proxy(None)
-        .http_status_as_error(false)
-        .max_redirects(0)
-        .max_redirects_will_error(false)
-        .user_agent(concat!("httprouter/", env!("CARGO_PKG_VERSION")))
-        .timeout_connect(Some(Duration::from_secs(CONNECT_TIMEOUT_SECS)))
-        .timeout_recv_response(Some(Duration::from_secs(SNAPSHOT_TIMEOUT_SECS)))
-        .timeout_per_read(Some(Duration::from_secs(WATCH_IDLE_TIMEOUT_SECS)))
-        .timeout_global(global)
-        .build()
-        .new_agent()
 }
 
 impl EtcdV2 {
@@ -370,18 +348,6 @@ impl Answer {
             ),
         )
     }
-}
-
-/// ureq reports a per-read timeout inside the body reader as an `io::Error`
-/// wrapping its own `Error::Timeout`.
-pub fn is_timeout(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
-    ) || e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<ureq::Error>())
-        .is_some_and(|u| matches!(u, ureq::Error::Timeout(_)))
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters: etcd

@@ -16,13 +16,14 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Value, json};
 
-use crate::etcd::{Api, Change, EtcdError, Event, Leaf, Revision, Snapshot, Watch, Watched};
-use crate::etcd_v2::{PROBE_TIMEOUT_MILLIS, SNAPSHOT_TIMEOUT_SECS, WATCH_IDLE_TIMEOUT_SECS};
+use crate::etcd::{
+    Api, Change, EtcdError, Event, Leaf, PROBE_TIMEOUT_MILLIS, Revision, SNAPSHOT_TIMEOUT_SECS,
+    Snapshot, WATCH_IDLE_TIMEOUT_SECS, Watch, Watched, agent, is_timeout,
+};
 
 /// Keys per range page: a page of long values stays a few MiB, and the
 /// router never holds a huge answer whole.
 const PAGE_KEYS: u64 = 1000;
-const CONNECT_TIMEOUT_SECS: u64 = 3;
 /// One watch message at most: a transaction or a prefix delete puts every
 /// event of it in one line.
 const MAX_LINE_BYTES: u64 = 64 * 1024 * 1024;
@@ -39,20 +40,6 @@ pub struct EtcdV3 {
     snapshot_agent: ureq::Agent,
     watch_agent: ureq::Agent,
     probe_agent: ureq::Agent,
-}
-
-fn agent(global: Option<Duration>) -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .proxy(None)
-        .http_status_as_error(false)
-        .max_redirects(0)
-        .user_agent(concat!("httprouter/", env!("CARGO_PKG_VERSION")))
-        .timeout_connect(Some(Duration::from_secs(CONNECT_TIMEOUT_SECS)))
-        .timeout_recv_response(Some(Duration::from_secs(SNAPSHOT_TIMEOUT_SECS)))
-        .timeout_per_read(Some(Duration::from_secs(WATCH_IDLE_TIMEOUT_SECS)))
-        .timeout_global(global)
-        .build()
-        .new_agent()
 }
 
 impl EtcdV3 {
@@ -302,7 +289,7 @@ impl Stream {
                 Err(Err(format!("a watch message over {MAX_LINE_BYTES} bytes")))
             }
             Ok(_) => Ok(Some(line)),
-            Err(e) if crate::etcd_v2::is_timeout(&e) => Err(Ok(IdleRead)),
+            Err(e) if is_timeout(&e) => Err(Ok(IdleRead)),
             Err(e) => Err(Err(format!("connection cut mid-stream ({e})"))),
         }
     }

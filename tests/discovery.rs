@@ -358,9 +358,7 @@ fn a_frozen_or_killed_v2_member_is_left_for_the_next() {
     let router = Router::start(&urls.join(","), &["--etcd-api", "v2"]);
     router.wait_backends("ha2.example.com", &["v2a"]);
     let watched = |key: &str| -> usize {
-        router.wait_event("route.add", |e| e["key"] == key);
-        let listen = router.events_named("etcd.listen");
-        let url = listen.last().expect("an etcd.listen event")["endpoint"].clone();
+        let url = router.watched_at(key);
         urls.iter()
             .position(|u| *u == url)
             .expect("a known endpoint")

@@ -98,9 +98,7 @@ fn a_dead_frozen_or_restarted_member_is_left_for_the_next() {
     router.wait_backends("ha.example.com", &["k1"]);
     // The member watched when the route event for `key` was logged.
     let watched = |router: &Router, key: &str| -> usize {
-        router.wait_event("route.add", |e| e["key"] == key);
-        let listen = router.events_named("etcd.listen");
-        let url = listen.last().expect("an etcd.listen event")["endpoint"].clone();
+        let url = router.watched_at(key);
         urls.iter()
             .position(|u| *u == url)
             .expect("a known endpoint")

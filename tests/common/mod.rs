@@ -740,6 +740,15 @@ impl Router {
         self.wait_event("route.add", |e| e["domain"] == domain);
     }
 
+    /// The etcd endpoint watched when the route event for `key` was
+    /// logged (the last `etcd.listen` before it).
+    pub fn watched_at(&self, key: &str) -> String {
+        self.wait_event("route.add", |e| e["key"] == key);
+        let listen = self.events_named("etcd.listen");
+        let last = listen.last().expect("an etcd.listen event");
+        last["endpoint"].as_str().expect("an endpoint").to_string()
+    }
+
     pub fn wait_event(&self, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
         eventually(&format!("log event {name}"), || {
             self.events_named(name).into_iter().find(|e| pred(e))
