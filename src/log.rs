@@ -5,8 +5,9 @@
 //! the queue is full the event is dropped and counted; the count is itself
 //! logged (`log.dropped`) as soon as there is room. The audit trail of what
 //! the router serves (route and etcd events, [`Logger::audit`]) has a queue
-//! of its own that drops nothing: its sender, discovery, waits instead when
-//! it is full, and large snapshots are logged compactly (`route_set`). Only the log thread
+//! of its own that drops nothing and that discovery alone sends to; large
+//! snapshots are logged compactly and paced (`route_set`,
+//! [`Logger::audit_raw`]). Only the log thread
 //! touches the sink, so a slow disk or a dead collector slows nothing else.
 
 use std::fs::{File, OpenOptions};
@@ -28,10 +29,13 @@ use crate::cidr::IpText;
 /// empties it every [`LOG_TICK_MILLIS`], when at 40,000 requests a second
 /// it holds 2,000.
 pub const LOG_QUEUE_CAPACITY: usize = 8_192;
-/// Audit events queued at most: past this their sender (discovery) waits
-/// for the log thread, which writes them as they come. A large snapshot's
-/// `route.bulk` lines are then not all held in memory at once.
-pub const AUDIT_QUEUE_CAPACITY: usize = 16;
+/// Past this many queued audit events, a long one ([`Logger::audit_raw`],
+/// a `route.bulk` line) waits up to [`AUDIT_PACE_MAX_MILLIS`] for the log
+/// thread, which writes them as they come: a large snapshot's lines are
+/// then not all held in memory at once, and a stuck sink delays discovery
+/// by a bounded time, never forever.
+pub const AUDIT_PACE_QUEUED: usize = 4;
+const AUDIT_PACE_MAX_MILLIS: u64 = 100;
 /// A line this long is written without waiting for others.
 const LONG_LINE_BYTES: usize = 16 * 1024;
 /// Lines written or POSTed together.
@@ -120,7 +124,13 @@ impl Logger {
     /// members (`"a":1,"b":[…]`, see [`push_json_str`]): for events that
     /// list thousands of items, which as JSON values would cost ten times
     /// their text.
+    ///
+    /// Paced (see [`AUDIT_PACE_QUEUED`]): never call it on the request path.
     pub fn audit_raw(&self, name: &'static str, members: String) {
+        let until = Instant::now() + Duration::from_millis(AUDIT_PACE_MAX_MILLIS);
+        while self.audit_tx.len() >= AUDIT_PACE_QUEUED && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let msg = Message {
             at: SystemTime::now(),
             payload: Payload::Raw(name, members),
@@ -129,10 +139,7 @@ impl Logger {
     }
 
     /// Logs an event of the audit trail (route and etcd events): never
-    /// dropped.
-    ///
-    /// Waits while [`AUDIT_QUEUE_CAPACITY`] events are queued: never call it
-    /// on the request path.
+    /// dropped, never waits.
     pub fn audit(&self, name: &'static str, fields: Value) {
         let fields = match fields {
             Value::Object(map) => map,
@@ -221,7 +228,7 @@ pub fn start(dest: Destination) -> io::Result<(Logger, LogThread)> {
         Destination::Url(url) => Sink::Url(UrlSink::new(url)),
     };
     let (tx, rx) = crossbeam_channel::bounded(LOG_QUEUE_CAPACITY);
-    let (audit_tx, audit_rx) = crossbeam_channel::bounded(AUDIT_QUEUE_CAPACITY);
+    let (audit_tx, audit_rx) = crossbeam_channel::unbounded();
     let dropped = Arc::new(AtomicU64::new(0));
     let logger = Logger {
         tx,
@@ -259,7 +266,7 @@ fn run(queues: [Receiver<Message>; 2], mut sink: Sink, dropped: Arc<AtomicU64>) 
     let mut next_tick = Instant::now() + tick;
     while !stopping {
         // Audit events are written as they come (they are rare, and their
-        // sender waits when the queue is full); request lines once a tick.
+        // long ones are paced); request lines once a tick.
         let now = Instant::now();
         if now < next_tick {
             match queues[0].recv_timeout(next_tick - now) {
@@ -750,23 +757,26 @@ mod tests {
     #[test]
     fn full_queue_drops_and_counts_without_blocking() {
         let (tx, _rx) = crossbeam_channel::bounded(2);
-        let (audit_tx, audit_rx) = crossbeam_channel::bounded(AUDIT_QUEUE_CAPACITY);
+        let (audit_tx, audit_rx) = crossbeam_channel::unbounded();
         let logger = Logger {
             tx,
             audit_tx,
             dropped: Arc::new(AtomicU64::new(0)),
         };
-        let reader = std::thread::spawn(move || audit_rx.iter().take(50_000).count());
         for _ in 0..5 {
             logger.event("test", json!({}));
         }
         assert_eq!(logger.dropped(), 3);
-        // The audit queue drops nothing: its sender waits.
+        // The audit queue drops nothing and never waits; long lines wait a
+        // little when many are queued, then go anyway.
         for _ in 0..50_000 {
             logger.audit("route.add", json!({}));
         }
+        let started = Instant::now();
+        logger.audit_raw("route.bulk", "\"items\":[]".into());
+        assert!(started.elapsed() >= Duration::from_millis(AUDIT_PACE_MAX_MILLIS));
         assert_eq!(logger.dropped(), 3);
-        assert_eq!(reader.join().unwrap(), 50_000);
+        assert_eq!(audit_rx.len(), 50_001);
     }
 
     #[test]
@@ -775,7 +785,7 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let file = open_log_file(&path).unwrap();
         let (tx, rx) = crossbeam_channel::bounded(4);
-        let (audit_tx, audit_rx) = crossbeam_channel::bounded(AUDIT_QUEUE_CAPACITY);
+        let (audit_tx, audit_rx) = crossbeam_channel::unbounded();
         let dropped = Arc::new(AtomicU64::new(0));
         let logger = Logger {
             tx,
