@@ -411,7 +411,7 @@ impl Discovery {
         self.log.audit(
             "etcd.error",
             json!({"endpoint": e.endpoint, "kind": e.kind, "error": e.to_string(),
-                   "revision": self.revision, "wait_index": self.revision.map(|r| r + 1),
+                   "revision": self.revision, "wait_index": self.revision.map(|r| r.saturating_add(1)),
                    "retry_in_ms": delay.as_millis() as u64, "routes": self.routes.len()}),
         );
         self.announced = false;

@@ -331,7 +331,7 @@ impl Stream {
                         "compacted",
                         format!(
                             "the events from revision {} are compacted (up to {compacted})",
-                            self.after + 1
+                            self.after.saturating_add(1)
                         ),
                     )
                 } else {
