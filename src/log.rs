@@ -13,9 +13,9 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -221,10 +221,13 @@ impl LogThread {
 
 /// Opens the destination (so a bad `--logfile` fails before anything
 /// starts) and starts the log thread.
-pub fn start(dest: Destination) -> io::Result<(Logger, LogThread)> {
+///
+/// `reopen` is the SIGHUP flag: set, the log file is reopened at the next
+/// tick (ignored for the other destinations).
+pub fn start(dest: Destination, reopen: Arc<AtomicBool>) -> io::Result<(Logger, LogThread)> {
     let sink = match dest {
         Destination::Stdout => Sink::Stdout,
-        Destination::File(path) => Sink::File(open_log_file(&path)?),
+        Destination::File(path) => Sink::File(LogFile::open(&path, reopen)?),
         Destination::Url(url) => Sink::Url(UrlSink::new(url)),
     };
     let (tx, rx) = crossbeam_channel::bounded(LOG_QUEUE_CAPACITY);
@@ -319,7 +322,12 @@ fn run(queues: [Receiver<Message>; 2], mut sink: Sink, dropped: Arc<AtomicU64>) 
             reported_dropped = now_dropped;
         }
         sink.write(&mut batch);
-        sink.tick(Instant::now());
+        if let Some(reason) = sink.tick(Instant::now()) {
+            let mut fields = Map::new();
+            fields.insert("reason".into(), reason.into());
+            batch.push(render_event(SystemTime::now(), "log.reopen", &fields));
+            sink.write(&mut batch);
+        }
     }
     // Whatever is still queued (events sent just before shutdown).
     for rx in &queues {
@@ -515,8 +523,69 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 enum Sink {
     Stdout,
-    File(File),
+    File(LogFile),
     Url(UrlSink),
+}
+
+/// How often the log file's path is checked for a move or a delete.
+const LOG_FILE_CHECK_MILLIS: u64 = 1000;
+
+/// `--logfile`, reopened on SIGHUP (logrotate's `postrotate`) and when the
+/// path no longer names the open file (moved or deleted without a signal).
+/// Only the log thread writes, whole lines at a time and between checks, so
+/// no line is torn or lost across a reopen: lines before it are in the old
+/// file, lines after it in the new one.
+struct LogFile {
+    path: PathBuf,
+    file: File,
+    /// Set by the SIGHUP handler.
+    reopen: Arc<AtomicBool>,
+    checked_at: Instant,
+}
+
+impl LogFile {
+    fn open(path: &Path, reopen: Arc<AtomicBool>) -> io::Result<LogFile> {
+        Ok(LogFile {
+            path: path.to_path_buf(),
+            file: open_log_file(path)?,
+            reopen,
+            checked_at: Instant::now(),
+        })
+    }
+
+    /// Reopens the file when asked to or when its path changed; returns
+    /// why, for a `log.reopen` line in the new file.
+    fn check(&mut self, now: Instant) -> Option<&'static str> {
+        use std::os::unix::fs::MetadataExt;
+        let reason = if self.reopen.swap(false, Ordering::Relaxed) {
+            "sighup"
+        } else if now.duration_since(self.checked_at) < Duration::from_millis(LOG_FILE_CHECK_MILLIS)
+        {
+            return None;
+        } else {
+            self.checked_at = now;
+            let open = self.file.metadata().ok().map(|m| (m.dev(), m.ino()));
+            match std::fs::metadata(&self.path) {
+                Err(_) => "deleted_or_moved",
+                Ok(m) if Some((m.dev(), m.ino())) != open => "replaced",
+                Ok(_) => return None,
+            }
+        };
+        match open_log_file(&self.path) {
+            Ok(file) => {
+                self.file = file;
+                Some(reason)
+            }
+            Err(e) => {
+                // The old file keeps the lines until the path works again.
+                eprintln!(
+                    "httprouter: reopening the log file {} failed: {e}",
+                    self.path.display()
+                );
+                None
+            }
+        }
+    }
 }
 
 impl Sink {
@@ -533,8 +602,8 @@ impl Sink {
                 // nothing else.
                 let _ = write_lines(&mut out, batch).and_then(|_| out.flush());
             }
-            Sink::File(file) => {
-                if let Err(e) = write_lines(file, batch) {
+            Sink::File(log) => {
+                if let Err(e) = write_lines(&mut log.file, batch) {
                     eprintln!("httprouter: writing the log file failed: {e}");
                 }
             }
@@ -543,9 +612,15 @@ impl Sink {
         batch.clear();
     }
 
-    fn tick(&mut self, now: Instant) {
-        if let Sink::Url(u) = self {
-            u.tick(now, false);
+    /// Timed work; returns why the log file was reopened, if it was.
+    fn tick(&mut self, now: Instant) -> Option<&'static str> {
+        match self {
+            Sink::Url(u) => {
+                u.tick(now, false);
+                None
+            }
+            Sink::File(log) => log.check(now),
+            Sink::Stdout => None,
         }
     }
 
@@ -783,7 +858,7 @@ mod tests {
     fn dropped_events_are_reported_and_the_queue_is_flushed_at_shutdown() {
         let path = std::env::temp_dir().join(format!("httprouter-log-test-{}", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        let file = open_log_file(&path).unwrap();
+        let file = LogFile::open(&path, Arc::default()).unwrap();
         let (tx, rx) = crossbeam_channel::bounded(4);
         let (audit_tx, audit_rx) = crossbeam_channel::unbounded();
         let dropped = Arc::new(AtomicU64::new(0));

@@ -40,9 +40,18 @@ fn main() -> ExitCode {
         (None, Some(url)) => log::Destination::Url(url.clone()),
         (None, None) => log::Destination::Stdout,
     };
+    // SIGHUP reopens the log file (logrotate's `postrotate`, a service
+    // manager's reload); its default would end the process.
+    let reopen_log = Arc::new(AtomicBool::new(false));
+    if let Err(e) =
+        signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reopen_log))
+    {
+        eprintln!("httprouter: cannot install the SIGHUP handler: {e}");
+        return ExitCode::from(1);
+    }
     // Opening the log file is the last check of the command line: a path
     // that cannot be written is a bad flag value, reported as such.
-    let (logger, log_thread) = match log::start(destination.clone()) {
+    let (logger, log_thread) = match log::start(destination.clone(), reopen_log) {
         Ok(started) => started,
         Err(e) => {
             match &destination {

@@ -162,3 +162,97 @@ fn stdout_lines_are_json_with_the_common_fields() {
         check_common_fields(line);
     }
 }
+
+/// Requests sent from another thread while `during` runs; how many were
+/// answered 200 (every one is logged as a `router.request`).
+fn requests_while(router: &Router, host: &str, during: impl FnOnce()) -> usize {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let addr = router.addr();
+    let (flag, host) = (Arc::clone(&stop), host.to_string());
+    let load = std::thread::spawn(move || {
+        let mut ok = 0;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            if common::request(&addr, "GET", &host, "/", &[], None).status == 200 {
+                ok += 1;
+            }
+        }
+        ok
+    });
+    during();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.join().expect("the load thread")
+}
+
+/// The answered (200) requests logged in `paths`.
+fn request_lines(paths: &[&std::path::Path]) -> usize {
+    let mut n = 0;
+    for path in paths {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        for line in text.lines() {
+            // Every line whole: none torn across the reopen.
+            let v = check_common_fields(line);
+            if v["event"] == "router.request" && v["status"] == 200 {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// logrotate's way: the file is moved, then SIGHUP. Under load, every
+/// request is logged once, whole, in the old file or the new one.
+#[test]
+fn sighup_reopens_the_log_file_and_loses_no_line() {
+    let etcd = Etcd::start();
+    let b = Backend::start("rot");
+    etcd.put(&format!("{D}/rot.example.com/r"), &b.url());
+    let dir = TempDir::new("logrotate");
+    let path = dir.path().join("router.log");
+    let rotated = dir.path().join("router.log.1");
+    let mut router = Router::start(&etcd.url(), &["--logfile", path.to_str().unwrap()]);
+    eventually("the route", || {
+        (router.get("rot.example.com", "/").status == 200).then_some(())
+    });
+    let sent = requests_while(&router, "rot.example.com", || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        std::fs::rename(&path, &rotated).expect("rename");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        router.signal("-HUP");
+        eventually("the new log file", || path.exists().then_some(()));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }) + 1; // and the one that found the route
+    assert!(
+        router.terminate().success(),
+        "SIGHUP must not end the router"
+    );
+    let new = std::fs::read_to_string(&path).expect("the reopened file");
+    assert!(new.contains("\"log.reopen\""), "{new}");
+    assert!(new.contains("\"reason\":\"sighup\""), "{new}");
+    assert_eq!(request_lines(&[&rotated, &path]), sent);
+}
+
+/// Moved (or deleted) without a signal: the router notices within about a
+/// second and writes to a new file at the path.
+#[test]
+fn a_log_file_moved_without_a_signal_is_reopened() {
+    let etcd = Etcd::start();
+    let b = Backend::start("mv");
+    etcd.put(&format!("{D}/mv.example.com/r"), &b.url());
+    let dir = TempDir::new("logmove");
+    let path = dir.path().join("router.log");
+    let moved = dir.path().join("router.log.old");
+    let mut router = Router::start(&etcd.url(), &["--logfile", path.to_str().unwrap()]);
+    eventually("the route", || {
+        (router.get("mv.example.com", "/").status == 200).then_some(())
+    });
+    std::fs::rename(&path, &moved).expect("rename");
+    eventually("a new log file at the path", || {
+        router.get("mv.example.com", "/");
+        std::fs::read_to_string(&path)
+            .ok()
+            .filter(|t| t.contains("\"router.request\""))
+    });
+    assert!(router.terminate().success());
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("\"reason\":\"deleted_or_moved\""), "{text}");
+}
