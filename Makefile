@@ -1,11 +1,16 @@
 # httprouter: the README explains each target.
-.PHONY: build release test run lint fmt bench clean deps
+.PHONY: build release static test run lint fmt bench clean deps
 
 build:
 	cargo build --locked
 
 release:
 	cargo build --locked --release
+
+# The fully static x86_64 musl binary (scripts/static.sh), which the
+# Dockerfile copies.
+static:
+	scripts/static.sh
 
 deps:
 	scripts/deps.sh

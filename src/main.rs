@@ -26,7 +26,11 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Ok(Command::Version) => {
-            println!("httprouter {}", env!("CARGO_PKG_VERSION"));
+            println!(
+                "httprouter {} (commit {})",
+                env!("CARGO_PKG_VERSION"),
+                env!("HTTPROUTER_COMMIT")
+            );
             return ExitCode::SUCCESS;
         }
         Err(e) => {

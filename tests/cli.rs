@@ -35,6 +35,17 @@ fn help_and_version() {
     let (code, out, _) = run(&["-version"]);
     assert_eq!(code, 0);
     assert!(out.starts_with("httprouter "), "{out}");
+    // The commit it was built from (or `unknown` outside a git checkout).
+    let commit = out
+        .split("(commit ")
+        .nth(1)
+        .and_then(|r| r.strip_suffix(")\n"))
+        .unwrap_or_else(|| panic!("no commit in {out:?}"));
+    assert!(
+        commit == "unknown"
+            || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{out}"
+    );
 }
 
 #[test]
