@@ -99,6 +99,51 @@ pub struct Logger {
     /// Unbounded: see the module documentation.
     audit_tx: Sender<Message>,
     dropped: Arc<AtomicU64>,
+    unrouted: Arc<UnroutedLimit>,
+}
+
+/// The router's answer to a request for a host it has no route for; the
+/// log limits these (see [`UnroutedLimit`]).
+pub const NO_ROUTE: &str = "no route for this host";
+/// `503 no route` request lines logged per second at most; the rest are
+/// counted and the count logged (`log.suppressed`).
+pub const UNROUTED_LINES_PER_SEC: u64 = 20;
+
+/// A scanner trying hosts cannot flood the sink: `503 no route` lines pass
+/// [`UNROUTED_LINES_PER_SEC`] a second. Lock-free: one word holds the
+/// second and its count.
+#[derive(Debug, Default)]
+struct UnroutedLimit {
+    /// `second << 32 | lines logged in it`.
+    window: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl UnroutedLimit {
+    fn admit(&self, second: u64) -> bool {
+        let second = second & 0xffff_ffff;
+        let mut current = self.window.load(Ordering::Relaxed);
+        loop {
+            let (at, lines) = (current >> 32, current & 0xffff_ffff);
+            let next = if at != second {
+                second << 32 | 1
+            } else if lines < UNROUTED_LINES_PER_SEC {
+                current + 1
+            } else {
+                self.suppressed.fetch_add(1, Ordering::Relaxed);
+                return false;
+            };
+            match self.window.compare_exchange_weak(
+                current,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => current = seen,
+            }
+        }
+    }
 }
 
 impl Logger {
@@ -116,7 +161,18 @@ impl Logger {
         self.send(Payload::Event(name, fields));
     }
 
+    /// Logs a request; `503 no route` lines are limited (see
+    /// [`UnroutedLimit`]).
     pub fn request(&self, record: RequestRecord) {
+        if record.status == 503 && record.error.as_deref() == Some(NO_ROUTE) {
+            let second = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            if !self.unrouted.admit(second) {
+                return;
+            }
+        }
         self.send(Payload::Request(Box::new(record)));
     }
 
@@ -174,6 +230,7 @@ impl Logger {
             tx,
             audit_tx,
             dropped: Arc::new(AtomicU64::new(0)),
+            unrouted: Arc::default(),
         }
     }
 
@@ -233,14 +290,16 @@ pub fn start(dest: Destination, reopen: Arc<AtomicBool>) -> io::Result<(Logger, 
     let (tx, rx) = crossbeam_channel::bounded(LOG_QUEUE_CAPACITY);
     let (audit_tx, audit_rx) = crossbeam_channel::unbounded();
     let dropped = Arc::new(AtomicU64::new(0));
+    let unrouted: Arc<UnroutedLimit> = Arc::default();
     let logger = Logger {
         tx,
         audit_tx: audit_tx.clone(),
         dropped: Arc::clone(&dropped),
+        unrouted: Arc::clone(&unrouted),
     };
     let handle = std::thread::Builder::new()
         .name("log".into())
-        .spawn(move || run([audit_rx, rx], sink, dropped))?;
+        .spawn(move || run([audit_rx, rx], sink, dropped, unrouted))?;
     Ok((
         logger,
         LogThread {
@@ -261,8 +320,14 @@ fn open_log_file(path: &Path) -> io::Result<File> {
 
 /// `queues`: the audit queue first, then the request queue (the shutdown
 /// marker comes on the audit queue).
-fn run(queues: [Receiver<Message>; 2], mut sink: Sink, dropped: Arc<AtomicU64>) {
+fn run(
+    queues: [Receiver<Message>; 2],
+    mut sink: Sink,
+    dropped: Arc<AtomicU64>,
+    unrouted: Arc<UnroutedLimit>,
+) {
     let mut reported_dropped = 0u64;
+    let (mut reported_suppressed, mut suppressed_at) = (0u64, Instant::now());
     let mut batch: Vec<String> = Vec::with_capacity(LOG_BATCH_MAX_LINES);
     let mut stopping = false;
     let tick = Duration::from_millis(LOG_TICK_MILLIS);
@@ -320,6 +385,23 @@ fn run(queues: [Receiver<Message>; 2], mut sink: Sink, dropped: Arc<AtomicU64>) 
             fields.insert("dropped".into(), (now_dropped - reported_dropped).into());
             batch.push(render_event(SystemTime::now(), "log.dropped", &fields));
             reported_dropped = now_dropped;
+        }
+        // Once a second at most, or at the end.
+        let suppressed = unrouted.suppressed.load(Ordering::Relaxed);
+        if suppressed > reported_suppressed
+            && (stopping || suppressed_at.elapsed() >= Duration::from_secs(1))
+        {
+            let mut fields = Map::new();
+            fields.insert(
+                "suppressed".into(),
+                (suppressed - reported_suppressed).into(),
+            );
+            fields.insert("suppressed_total".into(), suppressed.into());
+            fields.insert("what".into(), "router.request lines of 503 no route".into());
+            fields.insert("limit_per_sec".into(), UNROUTED_LINES_PER_SEC.into());
+            batch.push(render_event(SystemTime::now(), "log.suppressed", &fields));
+            reported_suppressed = suppressed;
+            suppressed_at = Instant::now();
         }
         sink.write(&mut batch);
         if let Some(reason) = sink.tick(Instant::now()) {
@@ -830,6 +912,18 @@ mod tests {
     }
 
     #[test]
+    fn unknown_host_lines_are_limited_per_second() {
+        let limit = UnroutedLimit::default();
+        let admitted = (0..100).filter(|_| limit.admit(5)).count() as u64;
+        assert_eq!(admitted, UNROUTED_LINES_PER_SEC);
+        assert_eq!(
+            limit.suppressed.load(Ordering::Relaxed),
+            100 - UNROUTED_LINES_PER_SEC
+        );
+        assert!(limit.admit(6), "a new second, a new allowance");
+    }
+
+    #[test]
     fn full_queue_drops_and_counts_without_blocking() {
         let (tx, _rx) = crossbeam_channel::bounded(2);
         let (audit_tx, audit_rx) = crossbeam_channel::unbounded();
@@ -837,6 +931,7 @@ mod tests {
             tx,
             audit_tx,
             dropped: Arc::new(AtomicU64::new(0)),
+            unrouted: Arc::default(),
         };
         for _ in 0..5 {
             logger.event("test", json!({}));
@@ -866,13 +961,16 @@ mod tests {
             tx,
             audit_tx: audit_tx.clone(),
             dropped: Arc::clone(&dropped),
+            unrouted: Arc::default(),
         };
         // Nobody is reading yet: 4 fit, 3 are dropped.
         for i in 0..7 {
             logger.event("test.event", json!({ "i": i }));
         }
         assert_eq!(logger.dropped(), 3);
-        let handle = std::thread::spawn(move || run([audit_rx, rx], Sink::File(file), dropped));
+        let handle = std::thread::spawn(move || {
+            run([audit_rx, rx], Sink::File(file), dropped, Arc::default())
+        });
         LogThread {
             handle,
             tx: audit_tx,

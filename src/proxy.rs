@@ -24,7 +24,7 @@ use crate::http1::{
     BodyFraming, Fields, Refusal, Request, connection_tokens, fold_name_byte, name_folds_to,
     trim_ows,
 };
-use crate::log::Logger;
+use crate::log::{Logger, NO_ROUTE};
 use crate::routes::{Backend, Domain, SharedTable, normalise_host};
 use crate::tunnel::{self, Handshake, HandshakeTimeouts};
 
@@ -284,7 +284,7 @@ impl Proxy {
     ) -> Result<(T, String), Box<Outcome>> {
         let table = self.table.load();
         let Some(domain) = table.lookup(host) else {
-            return Err(Box::new(refuse(503, "no route for this host", host)));
+            return Err(Box::new(refuse(503, NO_ROUTE, host)));
         };
         let policy = &self.settings.eject;
         domain.budget().record_request(now_ms());
@@ -335,7 +335,7 @@ impl Proxy {
         }
         let mut outcome = match last_error {
             Some((url, e)) => backend_failure(host, url, e),
-            None => refuse(503, "no route for this host", host),
+            None => refuse(503, NO_ROUTE, host),
         };
         if budget_spent && let Some(error) = &mut outcome.error {
             error.push_str(&format!(" (retry budget spent after {tries} tries)"));

@@ -256,3 +256,37 @@ fn a_log_file_moved_without_a_signal_is_reopened() {
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains("\"reason\":\"deleted_or_moved\""), "{text}");
 }
+
+/// A scanner trying hosts: the `503 no route` lines are limited per
+/// second, and what was left out is counted in `log.suppressed`; other
+/// requests are all logged.
+#[test]
+fn unknown_host_misses_are_rate_limited_with_a_count() {
+    let etcd = Etcd::start();
+    let b = Backend::start("known");
+    etcd.put(&format!("{D}/known.example.com/r"), &b.url());
+    let router = Router::start(&etcd.url(), &[]);
+    router.wait_backends("known.example.com", &["known"]);
+    for i in 0..200 {
+        assert_eq!(router.get(&format!("scan{i}.example.com"), "/").status, 503);
+    }
+    for _ in 0..30 {
+        assert_eq!(router.get("known.example.com", "/counted").status, 200);
+    }
+    let mut router = router;
+    assert!(router.terminate().success());
+    let requests = router.events_named("router.request");
+    let misses = requests
+        .iter()
+        .filter(|e| e["status"] == 503 && e["host"].as_str().is_some_and(|h| h.starts_with("scan")))
+        .count() as u64;
+    let hits = requests.iter().filter(|e| e["path"] == "/counted").count();
+    let suppressed: u64 = router
+        .events_named("log.suppressed")
+        .iter()
+        .map(|e| e["suppressed"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(hits, 30, "every other request is logged");
+    assert_eq!(misses + suppressed, 200);
+    assert!(suppressed > 0, "200 misses fit in a few seconds at most");
+}
