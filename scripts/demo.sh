@@ -13,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bin=target/release/httprouter
-cargo build --release --quiet --bin httprouter --example demo_backend
+# With cargo's progress: the first build takes a while.
+cargo build --release --bin httprouter --example demo_backend
 for a in "$@"; do
   case $a in -etcdurl|--etcdurl|-etcdurl=*|--etcdurl=*) exec "$bin" "$@" ;; esac
 done
@@ -31,7 +32,8 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+# Ctrl-C is the documented way to stop: a clean stop, exit 0.
+trap 'exit 0' INT TERM
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 free_port() {
@@ -66,15 +68,28 @@ target/release/examples/demo_backend "127.0.0.1:$web2_port" web2 & pids+=($!)
 scripts/register.sh demo.example.com 127.0.0.1 "$web1_port" "$etcd_url" & pids+=($!)
 scripts/register.sh demo.example.com 127.0.0.1 "$web2_port" "$etcd_url" & pids+=($!)
 
-cat >&2 <<MSG
-
-  httprouter is starting on :8080, with a throwaway etcd at $etcd_url and
-  demo backends on :$web1_port and :$web2_port.
-  Try:   curl -H 'Host: demo.example.com' localhost:8080/
-  Stop:  Ctrl-C
-
-MSG
+echo "demo.sh: starting httprouter on :8080 (etcd at $etcd_url, demo backends on :$web1_port and :$web2_port)" >&2
 "$bin" --listen 0.0.0.0:8080 --etcdurl "$etcd_url" "$@" &
 router=$!
 pids=("$router" "${pids[@]}")
+# The ready line once a request would be served, not before.
+ready=
+for _ in $(seq 300); do
+  kill -0 "$router" 2>/dev/null || { echo "demo.sh: httprouter exited at start" >&2; exit 1; }
+  if [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: demo.example.com' http://127.0.0.1:8080/ || true)" = 200 ]; then
+    ready=1
+    break
+  fi
+  sleep 0.1
+done
+if [ -n "$ready" ]; then
+  cat >&2 <<MSG
+
+  httprouter is ready. Try:   curl -H 'Host: demo.example.com' localhost:8080/
+  Stop with Ctrl-C.
+
+MSG
+else
+  echo "demo.sh: demo.example.com is not served after 30 s; the router's log above says why" >&2
+fi
 wait "$router"
