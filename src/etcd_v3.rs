@@ -24,6 +24,8 @@ use crate::etcd::{
 /// Keys per range page: a page of long values stays a few MiB, and the
 /// router never holds a huge answer whole.
 const PAGE_KEYS: u64 = 1000;
+/// Leaves reserved at most from a range's `count` (12 MiB of them).
+const MAX_RESERVED_LEAVES: usize = 256 * 1024;
 /// One watch message at most: a transaction or a prefix delete puts every
 /// event of it in one line.
 const MAX_LINE_BYTES: u64 = 64 * 1024 * 1024;
@@ -112,7 +114,10 @@ impl Api for EtcdV3 {
             }
             if revision.is_none() {
                 // The whole range's size, from the first page: no regrowth.
-                leaves.reserve_exact(usize::try_from(number(&answer["count"])).unwrap_or(0));
+                // Capped: the count is etcd's word, and a wrong one must not
+                // reserve gigabytes (past the cap the vector grows as usual).
+                let count = usize::try_from(number(&answer["count"])).unwrap_or(0);
+                leaves.reserve_exact(count.min(MAX_RESERVED_LEAVES));
             }
             revision.get_or_insert(at);
             let kvs = answer["kvs"].as_array().map(Vec::as_slice).unwrap_or(&[]);

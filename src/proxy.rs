@@ -3,9 +3,9 @@
 //!
 //! Works on the project's own types ([`Request`], as the server front
 //! parsed it, and [`ProxyResponse`]); the server front and the backend
-//! client are edges that convert. Header rules and the choice of backends (ejection, retry
-//! budget) live here and nowhere else. Never waits on etcd: the route table
-//! is a snapshot taken at the start of the request.
+//! client are edges that convert. Header rules and the choice of backends
+//! (ejection, retry budget) live here and nowhere else. Never waits on
+//! etcd: the route table is a snapshot taken at the start of the request.
 //!
 //! Retries never amplify an outage: another backend is tried only when the
 //! failed attempt sent nothing (no connection was made), never the same

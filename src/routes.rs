@@ -115,6 +115,7 @@ impl Domain {
         }
     }
 
+    #[cfg(test)]
     pub fn backends(&self) -> &[Arc<Backend>] {
         &self.backends
     }
