@@ -47,6 +47,8 @@ Usage: httprouter [flags]
 
 Flags (single dash works too: -etcdurl URL; so does --flag=value):
   --listen ADDR             address to serve on (default 0.0.0.0:8080; ':8080' means all interfaces)
+  --admin ADDR              serve /, /healthz, /routes and /metrics (read-only, no authentication)
+                            on ADDR, e.g. 127.0.0.1:9090 (default: off)
   --etcdurl URL[,URL...]    etcd endpoints, tried in turn
                             (default http://127.0.0.1:2379,http://127.0.0.1:4001)
   --etcdkey KEY             etcd directory holding <domain>/<route-name> = backend URL (default /domains)
@@ -96,6 +98,8 @@ pub struct Timeouts {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// `--admin`: off when `None`; never the proxy's address.
+    pub admin: Option<SocketAddr>,
     pub etcd_urls: Vec<String>,
     /// Normalised: leading `/`, no trailing `/` (the root is the empty string).
     pub etcd_key: String,
@@ -136,6 +140,7 @@ const FLAGS: &[&str] = &[
     "help",
     "version",
     "listen",
+    "admin",
     "etcdurl",
     "etcdkey",
     "logfile",
@@ -184,6 +189,7 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Command, UsageError> {
     }
 
     let listen = string_flag(&mut args, "--listen")?;
+    let admin = string_flag(&mut args, "--admin")?;
     let etcd_urls = string_flag(&mut args, "--etcdurl")?;
     let etcd_key = string_flag(&mut args, "--etcdkey")?;
     let log_file = string_flag(&mut args, "--logfile")?;
@@ -223,8 +229,19 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Command, UsageError> {
         ));
     }
 
+    let listen = parse_listen("--listen", listen.as_deref().unwrap_or(DEFAULT_LISTEN))?;
+    let admin = admin.map(|a| parse_listen("--admin", &a)).transpose()?;
+    if let Some(a) = admin
+        && a.port() == listen.port()
+        && (a.ip() == listen.ip() || a.ip().is_unspecified() || listen.ip().is_unspecified())
+    {
+        return Err(UsageError(format!(
+            "--admin {a}: the proxy listens there (--listen {listen}); give the admin side its own port"
+        )));
+    }
     let config = Config {
-        listen: parse_listen(listen.as_deref().unwrap_or(DEFAULT_LISTEN))?,
+        listen,
+        admin,
         etcd_urls: parse_etcd_urls(etcd_urls.as_deref().unwrap_or(DEFAULT_ETCD_URLS))?,
         etcd_key: normalise_etcd_key(etcd_key.as_deref().unwrap_or(DEFAULT_ETCD_KEY))?,
         log_file: match log_file {
@@ -344,7 +361,7 @@ fn parse_secs(flag: &str, value: Option<String>, default: u64) -> Result<Duratio
 
 /// Accepts `host:port`, `[v6]:port`, a resolvable name with a port, and the
 /// Go-style `:port` meaning every interface.
-fn parse_listen(value: &str) -> Result<SocketAddr, UsageError> {
+fn parse_listen(flag: &str, value: &str) -> Result<SocketAddr, UsageError> {
     let candidate = if value.starts_with(':') {
         format!("0.0.0.0{value}")
     } else {
@@ -356,9 +373,9 @@ fn parse_listen(value: &str) -> Result<SocketAddr, UsageError> {
     match candidate.to_socket_addrs() {
         Ok(mut addrs) => addrs
             .next()
-            .ok_or_else(|| UsageError(format!("--listen '{value}': name resolves to no address"))),
+            .ok_or_else(|| UsageError(format!("{flag} '{value}': name resolves to no address"))),
         Err(e) => Err(UsageError(format!(
-            "--listen '{value}': expected host:port such as 0.0.0.0:8080 ({e})"
+            "{flag} '{value}': expected host:port such as 0.0.0.0:8080 ({e})"
         ))),
     }
 }
@@ -420,6 +437,7 @@ mod tests {
     fn defaults() {
         let c = config(&[]);
         assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.admin, None);
         assert_eq!(
             c.etcd_urls,
             vec!["http://127.0.0.1:2379", "http://127.0.0.1:4001"]
@@ -439,7 +457,9 @@ mod tests {
             "-listen=:9000",
             "--workers",
             "3",
+            "-admin=127.0.0.1:9001",
         ]);
+        assert_eq!(c.admin, Some("127.0.0.1:9001".parse().unwrap()));
         assert_eq!(c.etcd_urls, vec!["http://127.0.0.1:1"]);
         assert_eq!(c.etcd_key, "/routes");
         assert_eq!(c.listen, "0.0.0.0:9000".parse().unwrap());
@@ -465,6 +485,12 @@ mod tests {
             (&["--etcdkey", "/a//b"], "--etcdkey"),
             (&["--logurl", "ftp://x"], "--logurl"),
             (&["--listen"], "--listen"),
+            (&["--admin", "nowhere"], "--admin"),
+            (&["--admin", ":8080"], "--admin"),
+            (
+                &["--listen", "127.0.0.1:9000", "--admin", "0.0.0.0:9000"],
+                "--admin",
+            ),
             (&["--connect-timeout", "-1"], "--connect-timeout"),
             (&["--tunnel-timeout", "0"], "--tunnel-timeout"),
             (&["--eject-after", "0"], "--eject-after"),

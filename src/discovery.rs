@@ -27,16 +27,16 @@
 //! Route and etcd events go to the log's audit queue, which drops nothing.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use serde_json::json;
 
 use crate::etcd::{Api, ApiChoice, EtcdError, Recovery, Revision, Snapshot, Watch, Watched};
 use crate::etcd_v2::EtcdV2;
 use crate::etcd_v3::EtcdV3;
+use crate::event::Event;
 use crate::log::Logger;
 use crate::route_set::{Diff, RouteSet};
 use crate::routes::SharedTable;
@@ -61,6 +61,56 @@ pub struct DiscoverySettings {
     pub state_file: Option<PathBuf>,
     /// The period of the full re-read; zero turns it off.
     pub resync_interval: Duration,
+}
+
+/// Where the table came from and how discovery is doing, for the admin
+/// side to read. Written by the discovery thread only, at its pace (never
+/// on the request path).
+#[derive(Debug, Default)]
+pub struct Status {
+    view: Mutex<StatusView>,
+}
+
+/// A copy of [`Status`] at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct StatusView {
+    /// `etcd` or `state_file` once a table was loaded; `None` before.
+    pub source: Option<&'static str>,
+    /// `v2` or `v3`, once chosen.
+    pub api: &'static str,
+    /// The endpoint in use.
+    pub endpoint: String,
+    /// `starting`, `watching` or `failing`.
+    pub state: &'static str,
+    /// etcd's revision (v3) or index (v2) the table stands at.
+    pub revision: Option<Revision>,
+    /// The last change etcd sent, or the last snapshot.
+    pub last_event_at: Option<SystemTime>,
+    /// The last failure, and when.
+    pub last_error: Option<(String, SystemTime)>,
+    /// The last whole snapshot (or state file): revision, digest, when.
+    pub synced: Option<(Revision, String, SystemTime)>,
+    pub domains: usize,
+    pub routes: usize,
+}
+
+impl Status {
+    pub fn view(&self) -> StatusView {
+        // A poisoned lock still holds a whole view: every write is a
+        // field assignment.
+        match self.view.lock() {
+            Ok(v) => v.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn update(&self, change: impl FnOnce(&mut StatusView)) {
+        let mut v = match self.view.lock() {
+            Ok(v) => v,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        change(&mut v);
+    }
 }
 
 /// Capped exponential backoff.
@@ -108,6 +158,7 @@ pub struct Discovery {
     /// table from the state file has none: it is replaced by etcd's view).
     revision: Option<Revision>,
     table: Arc<SharedTable>,
+    status: Arc<Status>,
     log: Logger,
     stop: Arc<AtomicBool>,
     backoff: Backoff,
@@ -131,9 +182,14 @@ impl Discovery {
     pub fn new(
         settings: DiscoverySettings,
         table: Arc<SharedTable>,
+        status: Arc<Status>,
         log: Logger,
         stop: Arc<AtomicBool>,
     ) -> Discovery {
+        status.update(|v| {
+            v.state = "starting";
+            v.endpoint = settings.endpoints.first().cloned().unwrap_or_default();
+        });
         Discovery {
             routes: RouteSet::new(&settings.etcd_key),
             settings,
@@ -141,6 +197,7 @@ impl Discovery {
             current: 0,
             revision: None,
             table,
+            status,
             log,
             stop,
             backoff: Backoff::new(),
@@ -191,11 +248,12 @@ impl Discovery {
             match step {
                 Ok(()) => {}
                 Err(e) if e.recovery == Recovery::Resync => {
-                    self.log.audit(
-                        "etcd.resync",
-                        json!({"endpoint": e.endpoint, "reason": e.kind, "detail": e.detail,
-                               "revision": self.revision}),
-                    );
+                    self.log.emit(Event::EtcdResync {
+                        endpoint: e.endpoint.clone(),
+                        reason: e.kind,
+                        detail: e.detail.clone(),
+                        revision: self.revision,
+                    });
                     self.revision = None;
                     sleep_unless_stopped(self.backoff.step(), &self.stop);
                 }
@@ -240,10 +298,13 @@ impl Discovery {
                 }
             }
         };
-        self.log.audit(
-            "etcd.api",
-            json!({"endpoint": self.endpoint(), "api": api.name(), "reason": reason}),
-        );
+        self.log.emit(Event::EtcdApi {
+            endpoint: self.endpoint(),
+            api: api.name(),
+            reason,
+        });
+        let name = api.name();
+        self.status.update(|v| v.api = name);
         Ok(api)
     }
 
@@ -275,13 +336,31 @@ impl Discovery {
         self.announced = false;
         self.backoff.reset();
         self.failures = 0;
-        self.log.audit(
-            "etcd.sync",
-            json!({"endpoint": endpoint, "api": self.api_name(), "reason": reason,
-                   "revision": revision, "domains": self.routes.domains(),
-                   "routes": self.routes.len(), "digest": self.routes.digest(),
-                   "drift": if reason == "anti_entropy" { diff.changes() } else { 0 }}),
-        );
+        let digest = self.routes.digest();
+        let (domains, routes) = (self.routes.domains(), self.routes.len());
+        let now = SystemTime::now();
+        self.status.update(|v| {
+            v.source = Some("etcd");
+            v.endpoint = endpoint.clone();
+            v.revision = Some(revision);
+            v.last_event_at = Some(now);
+            v.synced = Some((revision, digest.clone(), now));
+            (v.domains, v.routes) = (domains, routes);
+        });
+        self.log.emit(Event::EtcdSync {
+            endpoint,
+            api: self.api_name(),
+            reason: reason.to_string(),
+            revision,
+            domains,
+            routes,
+            digest,
+            drift: if reason == "anti_entropy" {
+                diff.changes()
+            } else {
+                0
+            },
+        });
         self.next_resync = self.resync_deadline();
         self.save_state(false);
         Ok(())
@@ -338,11 +417,17 @@ impl Discovery {
             Err(e) => return Ended::Failed(e),
         };
         if !self.announced {
-            self.log.audit(
-                "etcd.listen",
-                json!({"endpoint": endpoint, "api": self.api_name(), "revision": revision,
-                       "index": revision, "routes": self.routes.len()}),
-            );
+            self.log.emit(Event::EtcdListen {
+                endpoint: endpoint.clone(),
+                api: self.api_name(),
+                revision,
+                index: revision,
+                routes: self.routes.len(),
+            });
+            self.status.update(|v| {
+                v.state = "watching";
+                v.endpoint = endpoint.clone();
+            });
             self.announced = true;
         }
         let events = spawn_reader(watch);
@@ -371,10 +456,18 @@ impl Discovery {
                     }
                     self.revision = Some(last);
                     self.publish(&diff, Some(last));
+                    let (domains, routes) = (self.routes.domains(), self.routes.len());
+                    self.status.update(|v| {
+                        v.revision = Some(last);
+                        v.last_event_at = Some(SystemTime::now());
+                        (v.domains, v.routes) = (domains, routes);
+                    });
                 }
                 Ok(Ok(Watched::Progress(at))) => {
                     quiet_since = Instant::now();
                     self.revision = Some(self.revision.unwrap_or(revision).max(at));
+                    let revision = self.revision;
+                    self.status.update(|v| v.revision = revision);
                 }
                 Ok(Ok(Watched::Idle)) => return Ended::Reopen,
                 Ok(Err(e)) => return Ended::Failed(e),
@@ -408,12 +501,21 @@ impl Discovery {
     fn fail(&mut self, e: &EtcdError) {
         let delay = self.backoff.step();
         self.failures += 1;
-        self.log.audit(
-            "etcd.error",
-            json!({"endpoint": e.endpoint, "kind": e.kind, "error": e.to_string(),
-                   "revision": self.revision, "wait_index": self.revision.map(|r| r.saturating_add(1)),
-                   "retry_in_ms": delay.as_millis() as u64, "routes": self.routes.len()}),
-        );
+        self.log.emit(Event::EtcdError {
+            endpoint: Some(e.endpoint.clone()),
+            kind: e.kind,
+            error: e.to_string(),
+            revision: self.revision,
+            wait_index: self.revision.map(|r| r.saturating_add(1)),
+            retry_in_ms: Some(delay.as_millis() as u64),
+            routes: Some(self.routes.len()),
+            action: None,
+            key: None,
+        });
+        self.status.update(|v| {
+            v.state = "failing";
+            v.last_error = Some((e.to_string(), SystemTime::now()));
+        });
         self.announced = false;
         self.member_checked = false;
         self.current = (self.current + 1) % self.settings.endpoints.len().max(1);
@@ -436,17 +538,27 @@ impl Discovery {
                 self.publish(&diff, None);
                 // Nothing new to save: this is what the file says.
                 self.unsaved = false;
-                self.log.audit(
-                    "state.load",
-                    json!({"path": path, "api": saved.api, "revision": saved.revision,
-                           "saved_at": saved.saved_at, "domains": self.routes.domains(),
-                           "routes": self.routes.len(), "digest": self.routes.digest()}),
-                );
+                let digest = self.routes.digest();
+                let (domains, routes) = (self.routes.domains(), self.routes.len());
+                self.status.update(|v| {
+                    v.source = Some("state_file");
+                    v.synced = Some((saved.revision, digest.clone(), SystemTime::now()));
+                    (v.domains, v.routes) = (domains, routes);
+                });
+                self.log.emit(Event::StateLoad {
+                    path: path.display().to_string(),
+                    api: saved.api,
+                    revision: saved.revision,
+                    saved_at: saved.saved_at,
+                    domains,
+                    routes,
+                    digest,
+                });
             }
-            Err(why) => self.log.audit(
-                "state.error",
-                json!({"path": path, "error": format!("state file ignored: {why}")}),
-            ),
+            Err(why) => self.log.emit(Event::StateError {
+                path: path.display().to_string(),
+                error: format!("state file ignored: {why}"),
+            }),
         }
     }
 
@@ -473,10 +585,10 @@ impl Discovery {
             self.routes.leaves(),
         ) {
             Ok(()) => self.unsaved = false,
-            Err(e) => self.log.event(
-                "state.error",
-                json!({"path": path, "error": format!("cannot write the state file: {e}")}),
-            ),
+            Err(e) => self.log.emit(Event::StateError {
+                path: path.display().to_string(),
+                error: format!("cannot write the state file: {e}"),
+            }),
         }
     }
 }

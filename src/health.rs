@@ -81,6 +81,20 @@ impl BackendHealth {
             .is_ok()
     }
 
+    /// Failures since the last success.
+    pub fn failures_in_a_row(&self) -> u32 {
+        self.failures_in_a_row.load(Ordering::Relaxed)
+    }
+
+    /// The [`now_ms`] at which an ejection ends (the next probe may go);
+    /// `None` when in rotation.
+    pub fn ejected_until_ms(&self) -> Option<u64> {
+        match self.ejected_until_ms.load(Ordering::Acquire) {
+            0 => None,
+            until => Some(until),
+        }
+    }
+
     pub fn is_ejected(&self) -> bool {
         self.ejected_until_ms.load(Ordering::Acquire) != 0
     }

@@ -9,6 +9,7 @@
 //! together; the library exists so that tests can start a server front, a
 //! proxy and a backend edge in-process, without etcd or the binary.
 
+pub mod admin;
 pub mod backend;
 pub mod cidr;
 pub mod cli;
@@ -17,16 +18,20 @@ pub mod discovery;
 pub mod etcd;
 pub mod etcd_v2;
 pub mod etcd_v3;
+pub mod event;
 pub mod health;
 pub mod http1;
 pub mod httpurl;
 pub mod log;
 pub mod memcpy;
+pub mod metrics;
 pub mod poller;
+pub mod prometheus;
 pub mod proxy;
 pub mod route_set;
 pub mod routes;
 pub mod server;
 pub mod state_file;
+pub mod status_page;
 pub mod tunnel;
 pub mod workers;

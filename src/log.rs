@@ -23,6 +23,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySen
 use serde_json::{Map, Value};
 
 use crate::cidr::IpText;
+use crate::event::{Event, KINDS, Kind, Trail};
 
 /// Events queued beyond this are dropped (and counted). The queue's slots
 /// are allocated whole at start (see [`Payload::Request`]); the log thread
@@ -80,9 +81,9 @@ enum Payload {
     /// inline, 1.8 MiB; boxed, 40 bytes), for one small allocation per
     /// request.
     Request(Box<RequestRecord>),
-    Event(&'static str, Map<String, Value>),
+    Event(Kind, Map<String, Value>),
     /// Fields already written as JSON object members (`"a":1,"b":[…]`).
-    Raw(&'static str, String),
+    Raw(Kind, String),
     Shutdown,
 }
 
@@ -100,6 +101,34 @@ pub struct Logger {
     audit_tx: Sender<Message>,
     dropped: Arc<AtomicU64>,
     unrouted: Arc<UnroutedLimit>,
+    counts: Arc<Counts>,
+}
+
+/// Events logged, by kind, and lines the sink lost; read by `/metrics`.
+#[derive(Debug)]
+pub struct Counts {
+    events: [AtomicU64; KINDS.len()],
+    /// Lines `--logurl` dropped from its full buffer.
+    sink_dropped: AtomicU64,
+}
+
+impl Default for Counts {
+    fn default() -> Counts {
+        Counts {
+            events: std::array::from_fn(|_| AtomicU64::new(0)),
+            sink_dropped: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Counts {
+    fn count(&self, kind: Kind) {
+        self.events[kind.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn of(&self, kind: Kind) -> u64 {
+        self.events[kind.index()].load(Ordering::Relaxed)
+    }
 }
 
 /// The router's answer to a request for a host it has no route for; the
@@ -147,18 +176,24 @@ impl UnroutedLimit {
 }
 
 impl Logger {
-    /// Logs a named event; `fields` should be a JSON object (`json!({...})`).
-    pub fn event(&self, name: &'static str, fields: Value) {
-        let fields = match fields {
-            Value::Object(map) => map,
-            Value::Null => Map::new(),
-            other => {
-                let mut map = Map::new();
-                map.insert("message".into(), other);
-                map
+    /// Logs an event on the queue its kind names (see [`Trail`]): the
+    /// audit trail never drops and never waits; the rest never waits and
+    /// drops when the queue is full.
+    pub fn emit(&self, event: Event) {
+        let kind = event.kind();
+        self.counts.count(kind);
+        let payload = Payload::Event(kind, event.into_fields());
+        match kind.trail() {
+            Trail::Audit => {
+                let msg = Message {
+                    at: SystemTime::now(),
+                    payload,
+                };
+                // Fails only once the log thread is gone, at the very end.
+                let _ = self.audit_tx.send(msg);
             }
-        };
-        self.send(Payload::Event(name, fields));
+            Trail::Lossy | Trail::Log => self.send(payload),
+        }
     }
 
     /// Logs a request; `503 no route` lines are limited (see
@@ -173,6 +208,7 @@ impl Logger {
                 return;
             }
         }
+        self.counts.count(Kind::RouterRequest);
         self.send(Payload::Request(Box::new(record)));
     }
 
@@ -182,30 +218,16 @@ impl Logger {
     /// their text.
     ///
     /// Paced (see [`AUDIT_PACE_QUEUED`]): never call it on the request path.
-    pub fn audit_raw(&self, name: &'static str, members: String) {
+    pub fn audit_raw(&self, kind: Kind, members: String) {
+        self.counts.count(kind);
         let until = Instant::now() + Duration::from_millis(AUDIT_PACE_MAX_MILLIS);
         while self.audit_tx.len() >= AUDIT_PACE_QUEUED && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(1));
         }
         let msg = Message {
             at: SystemTime::now(),
-            payload: Payload::Raw(name, members),
+            payload: Payload::Raw(kind, members),
         };
-        let _ = self.audit_tx.send(msg);
-    }
-
-    /// Logs an event of the audit trail (route and etcd events): never
-    /// dropped, never waits.
-    pub fn audit(&self, name: &'static str, fields: Value) {
-        let fields = match fields {
-            Value::Object(map) => map,
-            _ => Map::new(),
-        };
-        let msg = Message {
-            at: SystemTime::now(),
-            payload: Payload::Event(name, fields),
-        };
-        // Fails only once the log thread is gone, at the very end.
         let _ = self.audit_tx.send(msg);
     }
 
@@ -231,12 +253,28 @@ impl Logger {
             audit_tx,
             dropped: Arc::new(AtomicU64::new(0)),
             unrouted: Arc::default(),
+            counts: Arc::default(),
         }
     }
 
     /// Events dropped so far because the queue was full.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Lines lost: dropped from the full queue, or by `--logurl` while
+    /// its collector was down.
+    pub fn lost(&self) -> u64 {
+        self.dropped() + self.counts.sink_dropped.load(Ordering::Relaxed)
+    }
+
+    /// `503 no route` lines left out (see [`UnroutedLimit`]).
+    pub fn suppressed(&self) -> u64 {
+        self.unrouted.suppressed.load(Ordering::Relaxed)
+    }
+
+    pub fn counts(&self) -> &Counts {
+        &self.counts
     }
 }
 
@@ -291,15 +329,17 @@ pub fn start(dest: Destination, reopen: Arc<AtomicBool>) -> io::Result<(Logger, 
     let (audit_tx, audit_rx) = crossbeam_channel::unbounded();
     let dropped = Arc::new(AtomicU64::new(0));
     let unrouted: Arc<UnroutedLimit> = Arc::default();
+    let counts: Arc<Counts> = Arc::default();
     let logger = Logger {
         tx,
         audit_tx: audit_tx.clone(),
         dropped: Arc::clone(&dropped),
         unrouted: Arc::clone(&unrouted),
+        counts: Arc::clone(&counts),
     };
     let handle = std::thread::Builder::new()
         .name("log".into())
-        .spawn(move || run([audit_rx, rx], sink, dropped, unrouted))?;
+        .spawn(move || run([audit_rx, rx], sink, dropped, unrouted, counts))?;
     Ok((
         logger,
         LogThread {
@@ -325,6 +365,7 @@ fn run(
     mut sink: Sink,
     dropped: Arc<AtomicU64>,
     unrouted: Arc<UnroutedLimit>,
+    counts: Arc<Counts>,
 ) {
     let mut reported_dropped = 0u64;
     let (mut reported_suppressed, mut suppressed_at) = (0u64, Instant::now());
@@ -378,12 +419,18 @@ fn run(
                 }
             }
         }
+        counts
+            .sink_dropped
+            .store(sink.dropped_lines(), Ordering::Relaxed);
         let now_dropped = dropped.load(Ordering::Relaxed) + sink.dropped_lines();
         if now_dropped > reported_dropped {
-            let mut fields = Map::new();
-            fields.insert("dropped_total".into(), now_dropped.into());
-            fields.insert("dropped".into(), (now_dropped - reported_dropped).into());
-            batch.push(render_event(SystemTime::now(), "log.dropped", &fields));
+            batch.push(own_line(
+                &counts,
+                Event::LogDropped {
+                    dropped: now_dropped - reported_dropped,
+                    dropped_total: now_dropped,
+                },
+            ));
             reported_dropped = now_dropped;
         }
         // Once a second at most, or at the end.
@@ -391,23 +438,21 @@ fn run(
         if suppressed > reported_suppressed
             && (stopping || suppressed_at.elapsed() >= Duration::from_secs(1))
         {
-            let mut fields = Map::new();
-            fields.insert(
-                "suppressed".into(),
-                (suppressed - reported_suppressed).into(),
-            );
-            fields.insert("suppressed_total".into(), suppressed.into());
-            fields.insert("what".into(), "router.request lines of 503 no route".into());
-            fields.insert("limit_per_sec".into(), UNROUTED_LINES_PER_SEC.into());
-            batch.push(render_event(SystemTime::now(), "log.suppressed", &fields));
+            batch.push(own_line(
+                &counts,
+                Event::LogSuppressed {
+                    suppressed: suppressed - reported_suppressed,
+                    suppressed_total: suppressed,
+                    what: "router.request lines of 503 no route",
+                    limit_per_sec: UNROUTED_LINES_PER_SEC,
+                },
+            ));
             reported_suppressed = suppressed;
             suppressed_at = Instant::now();
         }
         sink.write(&mut batch);
         if let Some(reason) = sink.tick(Instant::now()) {
-            let mut fields = Map::new();
-            fields.insert("reason".into(), reason.into());
-            batch.push(render_event(SystemTime::now(), "log.reopen", &fields));
+            batch.push(own_line(&counts, Event::LogReopen { reason }));
             sink.write(&mut batch);
         }
     }
@@ -421,13 +466,20 @@ fn run(
     sink.finish(Instant::now() + Duration::from_secs(LOG_SHUTDOWN_GRACE_SECS));
 }
 
+/// A line of the log thread's own, counted like any event.
+fn own_line(counts: &Counts, event: Event) -> String {
+    let kind = event.kind();
+    counts.count(kind);
+    render_event(SystemTime::now(), kind, &event.into_fields())
+}
+
 /// Renders `msg` onto `batch`; true when it is the shutdown marker.
 fn push_line(batch: &mut Vec<String>, msg: Message) -> bool {
     match msg.payload {
         Payload::Shutdown => return true,
-        Payload::Event(name, fields) => batch.push(render_event(msg.at, name, &fields)),
-        Payload::Raw(name, members) => {
-            let mut line = render_event(msg.at, name, &Map::new());
+        Payload::Event(kind, fields) => batch.push(render_event(msg.at, kind, &fields)),
+        Payload::Raw(kind, members) => {
+            let mut line = render_event(msg.at, kind, &Map::new());
             line.pop();
             line.push(',');
             line.push_str(&members);
@@ -439,12 +491,12 @@ fn push_line(batch: &mut Vec<String>, msg: Message) -> bool {
     false
 }
 
-fn render_event(at: SystemTime, name: &str, fields: &Map<String, Value>) -> String {
+fn render_event(at: SystemTime, kind: Kind, fields: &Map<String, Value>) -> String {
     let mut line = String::with_capacity(128);
     line.push_str("{\"timestamp\":\"");
     push_rfc3339(&mut line, at);
     line.push_str("\",\"event\":");
-    line.push_str(&Value::from(name).to_string());
+    push_json_str(&mut line, kind.name());
     line.push_str(",\"service\":\"httprouter\"");
     for (k, v) in fields {
         if matches!(k.as_str(), "timestamp" | "event" | "service") {
@@ -841,7 +893,6 @@ impl UrlSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn timestamps_are_rfc3339_utc() {
@@ -892,6 +943,18 @@ mod tests {
         assert_eq!(v["bytes"], 7);
         assert_eq!(v["bytes_to_backend"], 3);
         assert_eq!(v["error"], "backend \"down\"");
+        // Every field the definition names, and no other.
+        let mut keys: Vec<&str> = v
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !matches!(*k, "timestamp" | "event" | "service"))
+            .collect();
+        let mut defined = Kind::RouterRequest.fields().to_vec();
+        keys.sort();
+        defined.sort();
+        assert_eq!(keys, defined);
         let plain = RequestRecord::default();
         let v: Value = serde_json::from_str(&render_request(UNIX_EPOCH, &plain)).unwrap();
         assert!(v.get("error").is_none() && v.get("bytes_to_backend").is_none());
@@ -903,7 +966,7 @@ mod tests {
         let mut fields = Map::new();
         fields.insert("key".into(), "/domains/a\"b".into());
         fields.insert("event".into(), "spoofed".into());
-        let line = render_event(UNIX_EPOCH, "route.add", &fields);
+        let line = render_event(UNIX_EPOCH, Kind::RouteAdd, &fields);
         let v: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["event"], "route.add");
         assert_eq!(v["service"], "httprouter");
@@ -932,18 +995,24 @@ mod tests {
             audit_tx,
             dropped: Arc::new(AtomicU64::new(0)),
             unrouted: Arc::default(),
+            counts: Arc::default(),
         };
         for _ in 0..5 {
-            logger.event("test", json!({}));
+            logger.emit(Event::AdminStart {
+                listen: "test".into(),
+            });
         }
         assert_eq!(logger.dropped(), 3);
         // The audit queue drops nothing and never waits; long lines wait a
         // little when many are queued, then go anyway.
         for _ in 0..50_000 {
-            logger.audit("route.add", json!({}));
+            logger.emit(Event::StateError {
+                path: "p".into(),
+                error: "e".into(),
+            });
         }
         let started = Instant::now();
-        logger.audit_raw("route.bulk", "\"items\":[]".into());
+        logger.audit_raw(Kind::RouteBulk, "\"items\":[]".into());
         assert!(started.elapsed() >= Duration::from_millis(AUDIT_PACE_MAX_MILLIS));
         assert_eq!(logger.dropped(), 3);
         assert_eq!(audit_rx.len(), 50_001);
@@ -962,14 +1031,25 @@ mod tests {
             audit_tx: audit_tx.clone(),
             dropped: Arc::clone(&dropped),
             unrouted: Arc::default(),
+            counts: Arc::default(),
         };
         // Nobody is reading yet: 4 fit, 3 are dropped.
         for i in 0..7 {
-            logger.event("test.event", json!({ "i": i }));
+            logger.emit(Event::BackendRestore {
+                domain: i.to_string(),
+                backend: "b".into(),
+                key: "k".into(),
+            });
         }
         assert_eq!(logger.dropped(), 3);
         let handle = std::thread::spawn(move || {
-            run([audit_rx, rx], Sink::File(file), dropped, Arc::default())
+            run(
+                [audit_rx, rx],
+                Sink::File(file),
+                dropped,
+                Arc::default(),
+                Arc::default(),
+            )
         });
         LogThread {
             handle,
@@ -983,7 +1063,10 @@ mod tests {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert_eq!(
-            events.iter().filter(|e| e["event"] == "test.event").count(),
+            events
+                .iter()
+                .filter(|e| e["event"] == "backend.restore")
+                .count(),
             4
         );
         let report = events

@@ -10,10 +10,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use serde_json::json;
-
 use httprouter::cli::{self, Command, Config};
-use httprouter::{backend, discovery, log, proxy, routes, server, tunnel};
+use httprouter::event::Event;
+use httprouter::{admin, backend, discovery, log, metrics, proxy, routes, server, tunnel};
+
+const BUILD: admin::Build = admin::Build {
+    version: env!("CARGO_PKG_VERSION"),
+    commit: env!("HTTPROUTER_COMMIT"),
+};
 
 /// How long in-flight requests may run on after SIGTERM/SIGINT.
 const SHUTDOWN_GRACE_SECS: u64 = 10;
@@ -26,11 +30,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Ok(Command::Version) => {
-            println!(
-                "httprouter {} (commit {})",
-                env!("CARGO_PKG_VERSION"),
-                env!("HTTPROUTER_COMMIT")
-            );
+            println!("httprouter {} (commit {})", BUILD.version, BUILD.commit);
             return ExitCode::SUCCESS;
         }
         Err(e) => {
@@ -88,6 +88,8 @@ fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Resul
 
     let fd_limit = raise_fd_limit();
     let table = Arc::new(routes::SharedTable::default());
+    let metrics = Arc::new(metrics::Metrics::default());
+    let status = Arc::new(discovery::Status::default());
     let t = config.timeouts;
     let client = backend::BackendClient::new(t.connect, t.response, t.body, config.max_connections);
     let settings = proxy::ProxySettings {
@@ -113,45 +115,86 @@ fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Resul
         client_timeout: t.client,
         tunnel_timeout: t.tunnel,
     };
-    let server = match server::Server::start(config.listen, server_settings, proxy, logger.clone())
-    {
+    let started = server::Server::start(
+        config.listen,
+        server_settings,
+        proxy,
+        logger.clone(),
+        Arc::clone(&metrics),
+    )
+    .and_then(|server| {
+        // The admin side reads what the proxy and discovery write.
+        let admin = config
+            .admin
+            .map(|addr| {
+                admin::Admin::start(
+                    addr,
+                    admin::Sources {
+                        table: Arc::clone(&table),
+                        status: Arc::clone(&status),
+                        metrics: Arc::clone(&metrics),
+                        log: logger.clone(),
+                        build: BUILD,
+                    },
+                )
+            })
+            .transpose()?;
+        Ok((server, admin))
+    });
+    let (server, admin) = match started {
         Ok(s) => s,
         Err(e) => {
-            logger.event("service.stop", json!({"error": e}));
+            logger.emit(Event::ServiceStop {
+                error: Some(e.clone()),
+                unfinished_requests: None,
+                log_events_dropped: None,
+            });
             log_thread.shutdown();
             return Err(e);
         }
     };
 
-    logger.event(
-        "service.start",
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "listen": config.listen.to_string(),
-            "etcd_urls": config.etcd_urls,
-            "etcd_key": config.etcd_key,
-            "max_connections": config.max_connections,
-            "workers": config.workers,
-            "trusted_proxies": config.trusted_proxies.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "eject_after": config.eject.after,
-            "eject_for_secs": config.eject.duration_ms as f64 / 1000.0,
-            "fd_limit": fd_limit,
-        }),
-    );
+    logger.emit(Event::ServiceStart {
+        version: BUILD.version,
+        commit: BUILD.commit,
+        listen: config.listen.to_string(),
+        admin: admin.as_ref().map(|a| a.local_addr().to_string()),
+        etcd_urls: config.etcd_urls.clone(),
+        etcd_key: config.etcd_key.clone(),
+        max_connections: config.max_connections,
+        workers: config.workers,
+        trusted_proxies: config
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        eject_after: config.eject.after,
+        eject_for_secs: config.eject.duration_ms as f64 / 1000.0,
+        fd_limit,
+    });
+    if let Some(a) = &admin
+        && !a.local_addr().ip().is_loopback()
+    {
+        logger.emit(Event::ServiceWarning {
+            message: "--admin listens beyond loopback: it has no authentication, so firewall it or bind it to 127.0.0.1",
+            fd_limit: None,
+            max_connections: None,
+            needed: None,
+            admin: Some(a.local_addr().to_string()),
+        });
+    }
     // Each connection needs a descriptor, and one to its backend.
     let needed = (config.max_connections as u64)
         .saturating_mul(2)
         .saturating_add(64);
     if fd_limit.is_some_and(|limit| limit < needed) {
-        logger.event(
-            "service.warning",
-            json!({
-                "message": "the open-file limit is below what --max-connections needs: connections past it wait in the listen backlog (raise LimitNOFILE or lower --max-connections)",
-                "fd_limit": fd_limit,
-                "max_connections": config.max_connections,
-                "needed": needed,
-            }),
-        );
+        logger.emit(Event::ServiceWarning {
+            message: "the open-file limit is below what --max-connections needs: connections past it wait in the listen backlog (raise LimitNOFILE or lower --max-connections)",
+            fd_limit,
+            max_connections: Some(config.max_connections),
+            needed: Some(needed),
+            admin: None,
+        });
     }
 
     let stop_discovery = Arc::new(AtomicBool::new(false));
@@ -164,6 +207,7 @@ fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Resul
             resync_interval: config.resync_interval,
         },
         Arc::clone(&table),
+        Arc::clone(&status),
         logger.clone(),
         Arc::clone(&stop_discovery),
     );
@@ -176,16 +220,17 @@ fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Resul
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    logger.event(
-        "service.stopping",
-        json!({"grace_secs": SHUTDOWN_GRACE_SECS}),
-    );
+    logger.emit(Event::ServiceStopping {
+        grace_secs: SHUTDOWN_GRACE_SECS,
+    });
     stop_discovery.store(true, Ordering::Relaxed);
     let unfinished = server.shutdown(Duration::from_secs(SHUTDOWN_GRACE_SECS));
-    logger.event(
-        "service.stop",
-        json!({"unfinished_requests": unfinished, "log_events_dropped": logger.dropped()}),
-    );
+    drop(admin);
+    logger.emit(Event::ServiceStop {
+        error: None,
+        unfinished_requests: Some(unfinished),
+        log_events_dropped: Some(logger.dropped()),
+    });
     log_thread.shutdown();
     Ok(())
 }

@@ -26,11 +26,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
-use serde_json::json;
 
+use crate::event::Event;
 use crate::health::now_ms;
 use crate::http1::HeadScan;
 use crate::log::Logger;
+use crate::metrics::Metrics;
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
@@ -204,6 +205,7 @@ pub struct Poller {
     limits: PollerLimits,
     log: Logger,
     stop: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
     back_rx: Receiver<Back>,
     sleeping: Arc<AtomicBool>,
     paused: Arc<AtomicBool>,
@@ -215,6 +217,7 @@ impl Poller {
         limits: PollerLimits,
         log: Logger,
         stop: Arc<AtomicBool>,
+        metrics: Arc<Metrics>,
     ) -> io::Result<(Poller, Handback, Registry)> {
         let poll = Poll::new()?;
         listener.set_nonblocking(true)?;
@@ -238,6 +241,7 @@ impl Poller {
             limits,
             log,
             stop,
+            metrics,
             back_rx,
             sleeping,
             paused,
@@ -255,6 +259,7 @@ impl Poller {
             dispatch,
             log: self.log,
             stop: self.stop,
+            metrics: self.metrics,
             back_rx: self.back_rx,
             sleeping: self.sleeping,
             paused_flag: self.paused,
@@ -281,6 +286,8 @@ struct Running<D> {
     dispatch: D,
     log: Logger,
     stop: Arc<AtomicBool>,
+    /// Where `open` is published.
+    metrics: Arc<Metrics>,
     back_rx: Receiver<Back>,
     sleeping: Arc<AtomicBool>,
     /// `paused`, for the workers (see [`Handback::send`]).
@@ -425,6 +432,9 @@ impl<D: Dispatch> Running<D> {
             return;
         }
         self.open += 1;
+        self.metrics
+            .connections_open
+            .store(self.open, Ordering::Relaxed);
         // The first request's head is due within the header timeout of
         // the accept: a silent connection cannot sit on a slot.
         let deadline = Instant::now() + self.limits.header_timeout;
@@ -556,6 +566,9 @@ impl<D: Dispatch> Running<D> {
         self.slots[token] = Slot::Free;
         self.free.push(token);
         self.open = self.open.saturating_sub(1);
+        self.metrics
+            .connections_open
+            .store(self.open, Ordering::Relaxed);
     }
 
     /// A connection has closed: its slot is free, and accepting resumes if
@@ -655,13 +668,10 @@ impl<D: Dispatch> Running<D> {
             return;
         }
         self.saturation_logged_ms = now.max(1);
-        self.log.event(
-            "server.saturated",
-            json!({
-                "max_connections": self.limits.max_connections,
-                "closed_idle": closed_idle,
-            }),
-        );
+        self.log.emit(Event::ServerSaturated {
+            max_connections: self.limits.max_connections,
+            closed_idle,
+        });
     }
 
     fn close_all(&mut self) {

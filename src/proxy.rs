@@ -15,16 +15,16 @@ use std::borrow::Cow;
 use std::io::{Cursor, Read};
 use std::sync::Arc;
 
-use serde_json::json;
-
 use crate::backend::{BackendClient, BackendError, BackendRequest};
 use crate::cidr::{Cidr, IpText};
+use crate::event::Event;
 use crate::health::{AfterFailure, EjectPolicy, now_ms};
 use crate::http1::{
     BodyFraming, Fields, Refusal, Request, connection_tokens, fold_name_byte, name_folds_to,
     trim_ows,
 };
 use crate::log::{Logger, NO_ROUTE};
+use crate::metrics::DomainStats;
 use crate::routes::{Backend, Domain, SharedTable, normalise_host};
 use crate::tunnel::{self, Handshake, HandshakeTimeouts};
 
@@ -59,6 +59,8 @@ pub struct Outcome {
     /// The connection must end after this answer: the request was one the
     /// router could not read as a whole (see [`refuse`]).
     pub close: bool,
+    /// The counters of the domain it was routed to, if any.
+    pub stats: Option<Arc<DomainStats>>,
 }
 
 /// How the proxy treats backends and clients, from the command line.
@@ -93,6 +95,7 @@ pub struct Upgraded {
     pub handshake: Handshake,
     pub host: String,
     pub upstream: String,
+    pub stats: Arc<DomainStats>,
 }
 
 impl Upgraded {
@@ -113,6 +116,7 @@ impl Upgraded {
             error: None,
             // The server front closes after any answer to an upgrade.
             close: true,
+            stats: Some(self.stats),
         }
     }
 }
@@ -213,7 +217,7 @@ impl Proxy {
         match result {
             // For HEAD the client's body is empty whatever the length says;
             // the server front sends none.
-            Ok((resp, upstream)) => Outcome {
+            Ok((resp, upstream, stats)) => Outcome {
                 response: ProxyResponse {
                     status: resp.status,
                     headers: response_headers(resp.headers),
@@ -224,6 +228,7 @@ impl Proxy {
                 upstream: Some(upstream),
                 error: None,
                 close: false,
+                stats: Some(stats),
             },
             Err(outcome) => *outcome,
         }
@@ -246,7 +251,7 @@ impl Proxy {
             .map(|p| protocol_name(p).to_ascii_lowercase())
             .filter(|p| !p.is_empty())
             .collect();
-        let (handshake, upstream) = self.attempt(&routed.host, |backend| {
+        let (handshake, upstream, stats) = self.attempt(&routed.host, |backend| {
             let path = backend_target(&backend.base_path, &routed.path_and_query);
             let head = tunnel::request_head(&req.method, &path, &headers);
             let answer = tunnel::handshake(&backend.authority, &head, self.settings.handshake)?;
@@ -270,22 +275,25 @@ impl Proxy {
             handshake,
             host: routed.host,
             upstream,
+            stats,
         })
     }
 
     /// Runs `send` against the domain's backends: the round-robin pick,
     /// then (only after a failure that sent nothing, and only within the
     /// retry budget) the next ones. Records each result in the backend's
-    /// health. Returns the answer and the backend's URL, or the refusal.
+    /// health and the domain's counters. Returns the answer, the backend's
+    /// URL and the domain's counters, or the refusal.
     fn attempt<T>(
         &self,
         host: &str,
         mut send: impl FnMut(&Backend) -> Result<T, BackendError>,
-    ) -> Result<(T, String), Box<Outcome>> {
+    ) -> Result<(T, String, Arc<DomainStats>), Box<Outcome>> {
         let table = self.table.load();
         let Some(domain) = table.lookup(host) else {
             return Err(Box::new(refuse(503, NO_ROUTE, host)));
         };
+        let stats = domain.stats();
         let policy = &self.settings.eject;
         domain.budget().record_request(now_ms());
         let mut tries = 0u32;
@@ -304,6 +312,9 @@ impl Proxy {
                 budget_spent = true;
                 break;
             }
+            if tries > 0 {
+                stats.retried();
+            }
             let Some(candidate) = candidates.next() else {
                 break;
             };
@@ -312,14 +323,18 @@ impl Proxy {
             match send(backend) {
                 Ok(answer) => {
                     if candidate.health.succeeded() {
-                        self.log.event(
-                            "backend.restore",
-                            json!({"domain": host, "backend": backend.url, "key": backend.key}),
-                        );
+                        self.log.emit(Event::BackendRestore {
+                            domain: host.to_string(),
+                            backend: backend.url.clone(),
+                            key: backend.key.clone(),
+                        });
                     }
-                    return Ok((answer, backend.url.clone()));
+                    return Ok((answer, backend.url.clone(), Arc::clone(stats)));
                 }
                 Err(e) => {
+                    if !matches!(e, BackendError::ClientBody { .. }) {
+                        stats.backend_failed();
+                    }
                     if counts_against_health(&e) {
                         self.record_failure(host, domain, &candidate, &e);
                     }
@@ -328,7 +343,11 @@ impl Proxy {
                         BackendError::Connect { .. } => {
                             last_error = Some((backend.url.clone(), e));
                         }
-                        e => return Err(Box::new(backend_failure(host, backend.url.clone(), e))),
+                        e => {
+                            let mut outcome = backend_failure(host, backend.url.clone(), e);
+                            outcome.stats = Some(Arc::clone(stats));
+                            return Err(Box::new(outcome));
+                        }
                     }
                 }
             }
@@ -340,6 +359,7 @@ impl Proxy {
         if budget_spent && let Some(error) = &mut outcome.error {
             error.push_str(&format!(" (retry budget spent after {tries} tries)"));
         }
+        outcome.stats = Some(Arc::clone(stats));
         Err(Box::new(outcome))
     }
 
@@ -352,18 +372,16 @@ impl Proxy {
     ) {
         let policy = &self.settings.eject;
         if candidate.health.failed(now_ms(), policy) == AfterFailure::Ejected {
-            self.log.event(
-                "backend.eject",
-                json!({
-                    "domain": host,
-                    "backend": candidate.backend.url,
-                    "key": candidate.backend.key,
-                    "failures": policy.after,
-                    "for_secs": policy.duration_ms as f64 / 1000.0,
-                    "error": e.to_string(),
-                    "all_ejected": domain.all_ejected(),
-                }),
-            );
+            domain.stats().ejected();
+            self.log.emit(Event::BackendEject {
+                domain: host.to_string(),
+                backend: candidate.backend.url.clone(),
+                key: candidate.backend.key.clone(),
+                failures: policy.after,
+                for_secs: policy.duration_ms as f64 / 1000.0,
+                error: e.to_string(),
+                all_ejected: domain.all_ejected(),
+            });
         }
     }
 }
@@ -648,6 +666,7 @@ pub fn refuse(status: u16, why: &str, host: &str) -> Outcome {
         upstream: None,
         error: Some(why.to_string()),
         close: false,
+        stats: None,
     }
 }
 

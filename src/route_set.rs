@@ -12,9 +12,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use serde_json::json;
-
 use crate::etcd::{Change, Digest, Leaf, Revision, clip};
+use crate::event::{Event, Kind};
 use crate::log::Logger;
 use crate::routes::{Backend, RouteTable, normalise_host};
 
@@ -125,37 +124,47 @@ impl Diff {
 
     fn log_itemised(&self, log: &Logger) {
         for (key, value, error) in &self.rejected {
-            log.audit(
-                "route.error",
-                json!({"key": key, "value": value, "error": error}),
-            );
+            log.emit(Event::RouteError {
+                key: key.clone(),
+                value: value.clone(),
+                error: error.to_string(),
+            });
         }
         for (key, action) in &self.unknown {
-            log.audit(
-                "etcd.error",
-                json!({"kind": "unknown_action", "error": "unknown watch action, skipped",
-                       "action": action, "key": key}),
-            );
+            log.emit(Event::EtcdError {
+                endpoint: None,
+                kind: "unknown_action",
+                error: "unknown watch action, skipped".into(),
+                revision: None,
+                wait_index: None,
+                retry_in_ms: None,
+                routes: None,
+                action: Some(action.to_string()),
+                key: Some(key.to_string()),
+            });
         }
         for (r, reason) in &self.removed {
-            log.audit(
-                "route.remove",
-                json!({"key": r.backend.key, "domain": &*r.domain, "url": r.backend.url,
-                       "reason": reason}),
-            );
+            log.emit(Event::RouteRemove {
+                key: r.backend.key.clone(),
+                domain: r.domain.to_string(),
+                url: r.backend.url.clone(),
+                reason: reason.to_string(),
+            });
         }
         for (old, new) in &self.changed {
-            log.audit(
-                "route.change",
-                json!({"key": new.backend.key, "domain": &*new.domain, "url": new.backend.url,
-                       "previous_url": old.backend.url}),
-            );
+            log.emit(Event::RouteChange {
+                key: new.backend.key.clone(),
+                domain: new.domain.to_string(),
+                url: new.backend.url.clone(),
+                previous_url: old.backend.url.clone(),
+            });
         }
         for r in &self.added {
-            log.audit(
-                "route.add",
-                json!({"key": r.backend.key, "domain": &*r.domain, "url": r.backend.url}),
-            );
+            log.emit(Event::RouteAdd {
+                key: r.backend.key.clone(),
+                domain: r.domain.to_string(),
+                url: r.backend.url.clone(),
+            });
         }
     }
 }
@@ -195,7 +204,7 @@ impl Bulk<'_> {
         self.part += 1;
         let text = std::mem::take(&mut self.text);
         self.log.audit_raw(
-            "route.bulk",
+            Kind::RouteBulk,
             format!("{},\"part\":{},\"items\":{text}]", self.header, self.part),
         );
         self.count = 0;

@@ -14,6 +14,7 @@ use std::sync::{Arc, RwLock};
 use crate::health::{BackendHealth, EjectPolicy, RetryBudget};
 use crate::http1::trim_ows_str;
 use crate::httpurl::HttpUrl;
+use crate::metrics::DomainStats;
 
 /// One backend of a domain, parsed from an etcd value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +82,7 @@ pub struct Domain {
     /// pile load onto it. Health and budget carry over the same way.
     cursor: Arc<AtomicUsize>,
     budget: Arc<RetryBudget>,
+    stats: Arc<DomainStats>,
 }
 
 /// A backend to try, with the record its result goes to.
@@ -112,7 +114,20 @@ impl Domain {
             health,
             cursor: before.map(|d| Arc::clone(&d.cursor)).unwrap_or_default(),
             budget: before.map(|d| Arc::clone(&d.budget)).unwrap_or_default(),
+            stats: before.map(|d| Arc::clone(&d.stats)).unwrap_or_default(),
         }
+    }
+
+    /// Its backends, in order, with their health (for the admin side).
+    pub fn members(&self) -> impl Iterator<Item = (&Backend, &BackendHealth)> {
+        self.backends
+            .iter()
+            .map(AsRef::as_ref)
+            .zip(self.health.iter().map(AsRef::as_ref))
+    }
+
+    pub fn stats(&self) -> &Arc<DomainStats> {
+        &self.stats
     }
 
     #[cfg(test)]
@@ -300,6 +315,13 @@ impl RouteTable {
 
     pub fn is_empty(&self) -> bool {
         self.domains == 0
+    }
+
+    /// Every domain, in no particular order.
+    pub fn domains(&self) -> impl Iterator<Item = (&str, &Domain)> {
+        self.shards
+            .iter()
+            .flat_map(|s| s.iter().map(|(k, d)| (k.as_str(), d.as_ref())))
     }
 
     fn get(&self, host: &str) -> Option<&Domain> {

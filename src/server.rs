@@ -25,6 +25,7 @@ use crate::http1::{
     self, BodyFraming, HeadError, HeadScan, HttpVersion, Request, ResponseHead, Verdict,
 };
 use crate::log::{Logger, RequestRecord};
+use crate::metrics::{DomainStats, Metrics};
 use crate::poller::{Back, Dispatch, Handback, Job, Parked, Poller, PollerLimits};
 use crate::proxy::{Outcome, Proxy, ProxyResponse};
 use crate::tunnel;
@@ -62,6 +63,7 @@ pub struct ServerSettings {
 struct Shared {
     proxy: Arc<Proxy>,
     log: Logger,
+    metrics: Arc<Metrics>,
     settings: ServerSettings,
     stop: Arc<AtomicBool>,
     /// Connections a worker holds or is about to (dispatched, not yet
@@ -113,6 +115,7 @@ impl Server {
         settings: ServerSettings,
         proxy: Arc<Proxy>,
         log: Logger,
+        metrics: Arc<Metrics>,
     ) -> Result<Server, String> {
         let listener =
             TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -125,13 +128,19 @@ impl Server {
             header_timeout: settings.header_timeout,
             keepalive_timeout: settings.keepalive_timeout,
         };
-        let (poller, handback, registry) =
-            Poller::new(listener, limits, log.clone(), Arc::clone(&stop))
-                .map_err(|e| format!("cannot start the poller: {e}"))?;
+        let (poller, handback, registry) = Poller::new(
+            listener,
+            limits,
+            log.clone(),
+            Arc::clone(&stop),
+            Arc::clone(&metrics),
+        )
+        .map_err(|e| format!("cannot start the poller: {e}"))?;
         let busy = Arc::new(AtomicUsize::new(0));
         let shared = Arc::new(Shared {
             proxy,
             log,
+            metrics,
             settings,
             stop,
             busy: Arc::clone(&busy),
@@ -336,9 +345,11 @@ fn answer_bad_head(writer: &mut impl Write, peer: SocketAddr, shared: &Shared, e
         &mut *body,
         &mut Vec::new(),
     );
+    let took = started.elapsed();
+    shared.metrics.record(None, status, Some(took));
     shared.log.request(RequestRecord {
         status,
-        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        duration_ms: took.as_secs_f64() * 1000.0,
         bytes: written.body_bytes,
         client_ip: Some(peer.ip()),
         error: Some(why.to_string()),
@@ -416,9 +427,9 @@ fn serve_request(
         } else {
             400
         };
-        let upstream = outcome.upstream.take();
+        let (upstream, stats) = (outcome.upstream.take(), outcome.stats.take());
         outcome = crate::proxy::refuse_unreadable(status, "request body incomplete", &outcome.host);
-        outcome.upstream = upstream;
+        (outcome.upstream, outcome.stats) = (upstream, stats);
     }
     // Keep the connection only when its framing is beyond doubt: a refused
     // framing leaves the body's bytes unread, and reading them as the next
@@ -487,6 +498,8 @@ fn serve_upgrade(
         host: upgraded.host,
         status: 101,
         upstream: Some(upgraded.upstream),
+        stats: Some(upgraded.stats),
+        tunnel: true,
         ..Logged::default()
     };
     let tunnel_stream = match http1::write_switching_head(writer, &headers) {
@@ -576,6 +589,8 @@ fn write_and_log(
         bytes: written.body_bytes,
         bytes_to_backend: None,
         error: outcome.error.or(written.error.take()),
+        stats: outcome.stats,
+        tunnel: false,
     };
     log_request(shared, incoming, context, logged);
     written
@@ -590,6 +605,9 @@ struct Logged {
     bytes: u64,
     bytes_to_backend: Option<u64>,
     error: Option<String>,
+    stats: Option<Arc<DomainStats>>,
+    /// An upgraded connection: its time is the session's, not a request's.
+    tunnel: bool,
 }
 
 fn log_request(
@@ -598,13 +616,19 @@ fn log_request(
     (peer, started): (SocketAddr, Instant),
     logged: Logged,
 ) {
+    let took = started.elapsed();
+    shared.metrics.record(
+        logged.stats.as_deref(),
+        logged.status,
+        (!logged.tunnel).then_some(took),
+    );
     shared.log.request(RequestRecord {
         host: logged.host,
         method: incoming.method,
         path: incoming.target,
         status: logged.status,
         upstream: logged.upstream,
-        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        duration_ms: took.as_secs_f64() * 1000.0,
         bytes: logged.bytes,
         bytes_to_backend: logged.bytes_to_backend,
         client_ip: Some(peer.ip()),

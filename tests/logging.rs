@@ -138,6 +138,119 @@ fn log_url_receives_batches_and_survives_a_failing_collector() {
     );
 }
 
+/// A collector that answers 503 while `down` is set, and stores what it
+/// accepts.
+fn switchable_collector(down: Arc<std::sync::atomic::AtomicBool>) -> Collector {
+    let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
+    let url = format!("http://{}/ingest", server.server_addr().to_ip().unwrap());
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let (s, b) = (Arc::clone(&server), Arc::clone(&bodies));
+    std::thread::spawn(move || {
+        while let Ok(mut rq) = s.recv() {
+            let mut body = String::new();
+            let _ = std::io::Read::read_to_string(rq.as_reader(), &mut body);
+            if down.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = rq.respond(tiny_http::Response::empty(503));
+                continue;
+            }
+            b.lock().unwrap().push(body);
+            let _ = rq.respond(tiny_http::Response::empty(204));
+        }
+    });
+    Collector {
+        url,
+        bodies,
+        _server: server,
+    }
+}
+
+/// A collector down for 20 s (long enough for the retries to back off to
+/// 16 s) while far more than the 8 MiB buffer is logged: memory stays
+/// bounded, and once the collector is back the count of dropped lines
+/// reaches it.
+#[test]
+fn log_url_outage_costs_bounded_memory_and_reports_what_it_dropped() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let etcd = Etcd::start();
+    let b = Backend::start("out");
+    etcd.put(&format!("{D}/out.example.com/r"), &b.url());
+    let down = Arc::new(AtomicBool::new(true));
+    let c = switchable_collector(Arc::clone(&down));
+    let outage = std::time::Instant::now();
+    let router = Router::start(&etcd.url(), &["--logurl", &c.url]);
+    eventually("the route", || {
+        (router.get("out.example.com", "/").status == 200).then_some(())
+    });
+    let base = common::rss_kib(router.pid());
+    // 4,000 lines of about 6 KiB: 24 MiB of log, three times the buffer.
+    let agent = "a".repeat(6 * 1024);
+    let sent: usize = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    (0..1000)
+                        .filter(|_| {
+                            common::request(
+                                &router.addr(),
+                                "GET",
+                                "out.example.com",
+                                "/",
+                                &[("User-Agent", &agent)],
+                                None,
+                            )
+                            .status
+                                == 200
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).sum()
+    });
+    assert_eq!(sent, 4000);
+    while outage.elapsed() < std::time::Duration::from_secs(20) {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let grown = common::peak_rss_kib(router.pid()).saturating_sub(base);
+    assert!(
+        grown < 20 * 1024,
+        "24 MiB logged while the collector was down grew RSS by {grown} KiB"
+    );
+    assert!(
+        c.bodies.lock().unwrap().is_empty(),
+        "the collector was down"
+    );
+    down.store(false, Ordering::SeqCst);
+    // The next retry is at most 30 s away.
+    let report = common::eventually_within(
+        "log.dropped at the collector",
+        std::time::Duration::from_secs(45),
+        || {
+            let all = c.bodies.lock().unwrap().join("");
+            all.lines()
+                .map(check_common_fields)
+                .find(|e| e["event"] == "log.dropped")
+        },
+    );
+    let dropped = report["dropped_total"].as_u64().expect("dropped_total");
+    let all = c.bodies.lock().unwrap().join("");
+    let delivered = all.matches("\"router.request\"").count() as u64;
+    eprintln!(
+        "logurl outage: {sent} lines of 6 KiB logged, peak RSS +{grown} KiB, {delivered} delivered, {dropped} dropped and reported"
+    );
+    assert!(dropped > 0, "{report}");
+    // Every line is either delivered or counted (a few are still on their
+    // way in later batches).
+    assert!(
+        delivered + dropped <= 4_001 + 10 && delivered > 0,
+        "delivered {delivered}, dropped {dropped}"
+    );
+    assert!(
+        delivered * 6 * 1024 < 9 * 1024 * 1024,
+        "more than the buffer was kept: {delivered} lines"
+    );
+}
+
 #[test]
 fn stdout_lines_are_json_with_the_common_fields() {
     let etcd = Etcd::start();

@@ -68,6 +68,7 @@ impl InProcessRouter {
             },
             Arc::new(proxy),
             Logger::discard(),
+            Arc::default(),
         )
         .expect("start the server front");
         let addr = server.local_addr();
