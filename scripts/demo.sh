@@ -7,7 +7,8 @@
 # one, it starts a throwaway etcd (temporary data dir, first free loopback
 # port from 23790; a packaged etcd on 2379 is left alone), two demo backends
 # (first free ports from 9001) registered for demo.example.com with
-# scripts/register.sh, and the router on :8080.
+# scripts/register.sh, and the router on :8080 with its status page on
+# 127.0.0.1 (first free port from 9090).
 # Ctrl-C stops everything it started (by PID) and removes the temp dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +52,11 @@ etcd_port=$(free_port 23790)
 peer_port=$(free_port $((etcd_port + 1)))
 web1_port=$(free_port 9001)
 web2_port=$(free_port $((web1_port + 1)))
+admin_port=$(free_port 9090)
+admin=(--admin "127.0.0.1:$admin_port")
+for a in "$@"; do
+  case $a in -admin|--admin|-admin=*|--admin=*) admin=() admin_port= ;; esac
+done
 etcd_url=http://127.0.0.1:$etcd_port
 
 # In its own session: a Ctrl-C in the terminal must not stop etcd before
@@ -69,7 +75,7 @@ scripts/register.sh demo.example.com 127.0.0.1 "$web1_port" "$etcd_url" & pids+=
 scripts/register.sh demo.example.com 127.0.0.1 "$web2_port" "$etcd_url" & pids+=($!)
 
 echo "demo.sh: starting httprouter on :8080 (etcd at $etcd_url, demo backends on :$web1_port and :$web2_port)" >&2
-"$bin" --listen 0.0.0.0:8080 --etcdurl "$etcd_url" "$@" &
+"$bin" --listen 0.0.0.0:8080 "${admin[@]}" --etcdurl "$etcd_url" "$@" &
 router=$!
 pids=("$router" "${pids[@]}")
 # The ready line once a request would be served, not before.
@@ -86,7 +92,8 @@ if [ -n "$ready" ]; then
   cat >&2 <<MSG
 
   httprouter is ready. Try:   curl -H 'Host: demo.example.com' localhost:8080/
-  Stop with Ctrl-C.
+${admin_port:+  Status page:                http://127.0.0.1:$admin_port/  (also /metrics, /routes, /healthz)
+}  Stop with Ctrl-C.
 
 MSG
 else

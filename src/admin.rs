@@ -2,107 +2,56 @@
 //! a status page at `/`.
 //!
 //! It has its own listener and threads, apart from the poller and the
-//! workers, so it answers while the proxy side is saturated. It only reads:
-//! the route table, discovery's [`Status`], the counters ([`Metrics`],
-//! each domain's [`DomainStats`](crate::metrics::DomainStats), the log's
-//! event counts); no request changes anything. Each connection gets one
-//! answer and is closed. At most [`ADMIN_MAX_CONNECTIONS`] are served at
-//! once, each within [`ADMIN_READ_SECS`] to send its request, so a slow
-//! or hostile client of the admin port costs a thread for seconds at most.
+//! workers, so it answers while the proxy side is saturated. It only reads
+//! (see [`admin_view`](crate::admin_view)); no request changes anything.
+//! Each connection gets one answer and is closed. At most
+//! [`ADMIN_MAX_CONNECTIONS`] are served at once; the next ones wait in the
+//! listen backlog, never refused. A connection has [`ADMIN_READ_SECS`] to
+//! send its head and [`ADMIN_WRITE_SECS`] to take its answer, in all, so a
+//! slow or hostile client holds a thread for seconds at most. The pages
+//! that walk the whole table are rendered one at a time, so concurrent
+//! requests for them cannot multiply the memory a large table's answer
+//! takes; `/healthz` never waits for them.
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use serde_json::{Map, Value, json};
-
-use crate::discovery::{Status, StatusView};
+use crate::admin_view::{BackendState, Sources, age_secs, health, sorted};
+use crate::discovery::StatusView;
 use crate::event::Event;
-use crate::health::now_ms;
-use crate::log::{Logger, rfc3339};
-use crate::metrics::{Metrics, RATE_SAMPLES, RATE_WINDOW};
-use crate::routes::{Domain, RouteTable, SharedTable};
+use crate::log::{push_json_str, rfc3339};
+use crate::metrics::{RATE_SAMPLES, RATE_WINDOW};
+use crate::routes::{RouteTable, SharedTable};
 use crate::{prometheus, status_page};
 
-/// Admin connections served at once; more are answered 503 at once.
+/// Admin connections served at once; the next wait in the listen backlog.
 pub const ADMIN_MAX_CONNECTIONS: usize = 8;
-/// A request head must arrive within this.
+/// A request head must arrive within this of the accept.
 pub const ADMIN_READ_SECS: u64 = 5;
-const ADMIN_WRITE_SECS: u64 = 10;
+/// The whole answer must be taken within this.
+pub const ADMIN_WRITE_SECS: u64 = 10;
 const ADMIN_HEAD_MAX_BYTES: usize = 16 * 1024;
+/// After the answer, what the client sent beyond its head is read and
+/// dropped for this long (at most [`ADMIN_DRAIN_BYTES`]): closing with
+/// unread input would send a reset that can destroy the answer.
+const ADMIN_DRAIN_MILLIS: u64 = 500;
+const ADMIN_DRAIN_BYTES: usize = 64 * 1024;
 
-/// Version and commit, for `/metrics` and the page.
-#[derive(Debug, Clone, Copy)]
-pub struct Build {
-    pub version: &'static str,
-    pub commit: &'static str,
+/// Why `--admin` could not start.
+#[derive(Debug)]
+pub struct AdminStartError {
+    pub addr: SocketAddr,
+    pub error: io::Error,
 }
 
-/// What the admin side reads.
-#[derive(Clone)]
-pub struct Sources {
-    pub table: Arc<SharedTable>,
-    pub status: Arc<Status>,
-    pub metrics: Arc<Metrics>,
-    pub log: Logger,
-    pub build: Build,
-}
-
-/// One domain as the admin side shows it.
-pub struct DomainView<'a> {
-    pub name: &'a str,
-    pub domain: &'a Domain,
-}
-
-/// A backend's state for people: in rotation, or ejected until a time.
-pub struct BackendState {
-    pub ejected: bool,
-    /// Wall-clock end of the ejection; `None` in rotation.
-    pub until: Option<SystemTime>,
-    /// The ejection has run out: the next request to come is its probe.
-    pub probe_due: bool,
-    pub failures_in_a_row: u32,
-}
-
-impl BackendState {
-    pub fn of(health: &crate::health::BackendHealth) -> BackendState {
-        let until_ms = health.ejected_until_ms();
-        let left = until_ms.map(|u| Duration::from_millis(u.saturating_sub(now_ms())));
-        BackendState {
-            ejected: until_ms.is_some(),
-            until: left.map(|l| SystemTime::now() + l),
-            probe_due: left.is_some_and(|l| l.is_zero()),
-            failures_in_a_row: health.failures_in_a_row(),
-        }
+impl std::fmt::Display for AdminStartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot serve --admin {}: {}", self.addr, self.error)
     }
-
-    pub fn name(&self) -> &'static str {
-        match (self.ejected, self.probe_due) {
-            (false, _) => "in_rotation",
-            (true, false) => "ejected",
-            (true, true) => "probe_due",
-        }
-    }
-}
-
-/// The domains of `table`, sorted by name.
-pub fn sorted(table: &RouteTable) -> Vec<DomainView<'_>> {
-    let mut out: Vec<DomainView<'_>> = table
-        .domains()
-        .map(|(name, domain)| DomainView { name, domain })
-        .collect();
-    out.sort_unstable_by(|a, b| a.name.cmp(b.name));
-    out
-}
-
-/// Seconds since `t`, if it is in the past.
-pub fn age_secs(t: SystemTime) -> f64 {
-    SystemTime::now()
-        .duration_since(t)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 pub struct Admin {
@@ -113,18 +62,16 @@ pub struct Admin {
 
 impl Admin {
     /// Binds `addr` and starts the accept thread and the rate sampler.
-    pub fn start(addr: SocketAddr, sources: Sources) -> Result<Admin, String> {
-        let listener =
-            TcpListener::bind(addr).map_err(|e| format!("cannot listen on --admin {addr}: {e}"))?;
-        let local = listener
-            .local_addr()
-            .map_err(|e| format!("cannot listen on --admin {addr}: {e}"))?;
+    pub fn start(addr: SocketAddr, sources: Sources) -> Result<Admin, AdminStartError> {
+        let failed = |error| AdminStartError { addr, error };
+        let listener = TcpListener::bind(addr).map_err(failed)?;
+        let local = listener.local_addr().map_err(failed)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (table, flag) = (Arc::clone(&sources.table), Arc::clone(&stop));
         std::thread::Builder::new()
             .name("admin-sampler".into())
             .spawn(move || sample(&table, &flag))
-            .map_err(|e| format!("cannot start the admin sampler: {e}"))?;
+            .map_err(failed)?;
         sources.log.emit(Event::AdminStart {
             listen: local.to_string(),
         });
@@ -132,7 +79,7 @@ impl Admin {
         let accept = std::thread::Builder::new()
             .name("admin".into())
             .spawn(move || accept_loop(listener, &sources, &flag))
-            .map_err(|e| format!("cannot start the admin thread: {e}"))?;
+            .map_err(failed)?;
         Ok(Admin {
             local,
             stop,
@@ -168,38 +115,38 @@ fn sample(table: &SharedTable, stop: &AtomicBool) {
             }
             next = now + every;
         }
-        std::thread::sleep(Duration::from_millis(250).min(next - now.min(next)));
+        std::thread::sleep(Duration::from_millis(250).min(next.saturating_duration_since(now)));
     }
 }
 
 fn accept_loop(listener: TcpListener, sources: &Sources, stop: &AtomicBool) {
     let active = Arc::new(AtomicUsize::new(0));
-    for conn in listener.incoming() {
+    // The pages that walk the whole table, one at a time.
+    let heavy = Arc::new(Mutex::new(()));
+    loop {
+        // At the cap, the next connection waits in the backlog: a refusal
+        // would look like an unhealthy router to a health check.
+        while active.load(Ordering::SeqCst) >= ADMIN_MAX_CONNECTIONS {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let conn = listener.accept();
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(mut conn) = conn else {
+        let Ok((conn, _)) = conn else {
             // Out of descriptors, say: not a reason to spin.
             std::thread::sleep(Duration::from_millis(50));
             continue;
         };
-        if active.load(Ordering::SeqCst) >= ADMIN_MAX_CONNECTIONS {
-            // A fresh socket's send buffer takes this without blocking.
-            let _ = conn.set_nonblocking(true);
-            let _ = conn.write_all(&answer(
-                503,
-                "text/plain; charset=utf-8",
-                b"503 too many admin connections\n".to_vec(),
-                false,
-            ));
-            continue;
-        }
         active.fetch_add(1, Ordering::SeqCst);
-        let (sources, held) = (sources.clone(), Arc::clone(&active));
+        let (sources, held, heavy) = (sources.clone(), Arc::clone(&active), Arc::clone(&heavy));
         let spawned = std::thread::Builder::new()
             .name("admin-conn".into())
             .spawn(move || {
-                serve(conn, &sources);
+                serve(conn, &sources, &heavy);
                 held.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
@@ -208,10 +155,12 @@ fn accept_loop(listener: TcpListener, sources: &Sources, stop: &AtomicBool) {
     }
 }
 
-/// Why an admin request gets no page.
+/// Why an admin request gets no page; [`AdminError::answer`] is the one
+/// place each becomes an answer.
 #[derive(Debug, PartialEq)]
 enum AdminError {
     BadRequest,
+    Timeout,
     MethodNotAllowed,
     NotFound,
 }
@@ -220,48 +169,107 @@ impl AdminError {
     fn answer(&self) -> (u16, &'static str) {
         match self {
             AdminError::BadRequest => (400, "400 bad request\n"),
+            AdminError::Timeout => (408, "408 the request head did not arrive in time\n"),
             AdminError::MethodNotAllowed => (405, "405 only GET and HEAD\n"),
             AdminError::NotFound => (404, "404 not found: try /, /healthz, /routes or /metrics\n"),
         }
     }
 }
 
-fn serve(mut conn: TcpStream, sources: &Sources) {
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(ADMIN_READ_SECS)));
-    let _ = conn.set_write_timeout(Some(Duration::from_secs(ADMIN_WRITE_SECS)));
+fn serve(mut conn: TcpStream, sources: &Sources, heavy: &Mutex<()>) {
     let deadline = Instant::now() + Duration::from_secs(ADMIN_READ_SECS);
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 2048];
     let parsed = loop {
         match parse_head(&head) {
             Ok(Some(request)) => break Ok(request),
-            Ok(None) if head.len() < ADMIN_HEAD_MAX_BYTES && Instant::now() < deadline => {}
-            Ok(None) | Err(_) => break Err(AdminError::BadRequest),
+            Ok(None) if head.len() >= ADMIN_HEAD_MAX_BYTES => break Err(AdminError::BadRequest),
+            Ok(None) => {}
+            Err(e) => break Err(e),
         }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break Err(AdminError::Timeout);
+        }
+        let _ = conn.set_read_timeout(Some(left));
         match conn.read(&mut buf) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return,
             Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break Err(AdminError::Timeout);
+            }
+            Err(_) => return,
         }
     };
     let (head_only, reply) = match parsed {
-        Ok((method, path)) => (method == "HEAD", route(&method, &path, sources)),
+        Ok((method, path)) => (method == "HEAD", route(&method, &path, sources, heavy)),
         Err(e) => (false, Err(e)),
     };
     let bytes = match reply {
-        Ok((status, kind, body)) => answer(status, kind, body, head_only),
+        Ok((status, kind, body)) => answer(status, kind, &[], &body, head_only),
         Err(e) => {
             let (status, text) = e.answer();
-            let mut out = answer(status, "text/plain; charset=utf-8", text.into(), head_only);
-            if e == AdminError::MethodNotAllowed {
-                // `Allow` goes in the head, before the blank line.
-                let at = out.windows(2).position(|w| w == b"\r\n").unwrap_or(0) + 2;
-                out.splice(at..at, b"Allow: GET, HEAD\r\n".iter().copied());
-            }
-            out
+            let allow: &[(&str, &str)] = if e == AdminError::MethodNotAllowed {
+                &[("Allow", "GET, HEAD")]
+            } else {
+                &[]
+            };
+            answer(
+                status,
+                "text/plain; charset=utf-8",
+                allow,
+                text.as_bytes(),
+                head_only,
+            )
         }
     };
-    let _ = conn.write_all(&bytes);
-    let _ = conn.shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + Duration::from_secs(ADMIN_WRITE_SECS);
+    if write_within(&mut conn, &bytes, deadline).is_ok() {
+        let _ = conn.shutdown(std::net::Shutdown::Write);
+        drain(&mut conn);
+    }
+}
+
+/// Writes all of `bytes` unless `deadline` passes first.
+fn write_within(conn: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
+    while !bytes.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        conn.set_write_timeout(Some(left))?;
+        match conn.write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads and drops what the client still sends, for a bounded time, so
+/// that the close is not a reset (see [`ADMIN_DRAIN_MILLIS`]).
+fn drain(conn: &mut TcpStream) {
+    let deadline = Instant::now() + Duration::from_millis(ADMIN_DRAIN_MILLIS);
+    let mut buf = [0u8; 4096];
+    let mut read = 0;
+    while read < ADMIN_DRAIN_BYTES {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || conn.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => read += n,
+        }
+    }
 }
 
 /// The method and path (without the query) of a complete head; `None`
@@ -283,163 +291,198 @@ fn parse_head(head: &[u8]) -> Result<Option<(String, String)>, AdminError> {
 
 type Page = (u16, &'static str, Vec<u8>);
 
-fn route(method: &str, path: &str, sources: &Sources) -> Result<Page, AdminError> {
+fn route(
+    method: &str,
+    path: &str,
+    sources: &Sources,
+    heavy: &Mutex<()>,
+) -> Result<Page, AdminError> {
     if method != "GET" && method != "HEAD" {
         return Err(AdminError::MethodNotAllowed);
     }
     let view = sources.status.view();
-    match path {
-        "/healthz" => {
-            let (status, text) = health(&view);
-            Ok((status, "text/plain; charset=utf-8", text.into_bytes()))
-        }
-        "/routes" => {
-            let table = sources.table.load();
-            let body = routes_json(&table, &view);
-            Ok((200, "application/json", body.into_bytes()))
-        }
-        "/metrics" => Ok((
-            200,
-            prometheus::CONTENT_TYPE,
-            prometheus::render(sources, &view).into_bytes(),
-        )),
-        "/" => Ok((
-            200,
-            "text/html; charset=utf-8",
-            status_page::render(sources, &view).into_bytes(),
-        )),
-        _ => Err(AdminError::NotFound),
+    if path == "/healthz" {
+        let (status, text) = health(&view);
+        return Ok((status, "text/plain; charset=utf-8", text.into_bytes()));
+    }
+    let render: fn(&Sources, &StatusView) -> String = match path {
+        "/routes" => |s, v| routes_json(&s.table.load(), v),
+        "/metrics" => prometheus::render,
+        "/" => status_page::render,
+        _ => return Err(AdminError::NotFound),
+    };
+    let kind = match path {
+        "/routes" => "application/json",
+        "/metrics" => prometheus::CONTENT_TYPE,
+        _ => "text/html; charset=utf-8",
+    };
+    // A poisoned lock guards nothing but the turn.
+    let _turn = heavy.lock().unwrap_or_else(|p| p.into_inner());
+    Ok((200, kind, render(sources, &view).into_bytes()))
+}
+
+/// `"name":` then the value written by `value`, after a comma unless first.
+fn member(out: &mut String, first: &mut bool, name: &str, value: impl FnOnce(&mut String)) {
+    if !std::mem::take(first) {
+        out.push(',');
+    }
+    push_json_str(out, name);
+    out.push(':');
+    value(out);
+}
+
+fn json_opt_str(out: &mut String, s: Option<&str>) {
+    match s {
+        Some(s) => push_json_str(out, s),
+        None => out.push_str("null"),
     }
 }
 
-/// `/healthz`: ready once a table was loaded, from etcd or the state file.
-pub fn health(view: &StatusView) -> (u16, String) {
-    let revision = view
-        .revision
-        .map_or(String::new(), |r| format!(" at revision {r}"));
-    match view.source {
-        Some("etcd") => (
-            200,
-            format!(
-                "ok: {} domains, {} routes from etcd{revision}\n",
-                view.domains, view.routes
-            ),
-        ),
-        Some(_) => (
-            200,
-            format!(
-                "ok: {} domains, {} routes from the state file (etcd not reached yet)\n",
-                view.domains, view.routes
-            ),
-        ),
-        None => {
-            let why = view
-                .last_error
-                .as_ref()
-                .map_or("not answered yet".to_string(), |(e, _)| e.clone());
-            (
-                503,
-                format!("not ready: no route table loaded yet ({why})\n"),
-            )
-        }
+fn json_opt_u64(out: &mut String, n: Option<u64>) {
+    match n {
+        Some(n) => out.push_str(itoa::Buffer::new().format(n)),
+        None => out.push_str("null"),
     }
-}
-
-/// Discovery's state as JSON members, for `/routes`.
-fn discovery_json(view: &StatusView) -> Map<String, Value> {
-    let mut m = Map::new();
-    m.insert("loaded".into(), view.source.is_some().into());
-    m.insert("source".into(), json!(view.source));
-    m.insert(
-        "api".into(),
-        json!((!view.api.is_empty()).then_some(view.api)),
-    );
-    m.insert("endpoint".into(), json!(view.endpoint));
-    m.insert("state".into(), json!(view.state));
-    m.insert("revision".into(), json!(view.revision));
-    m.insert(
-        "last_event_age_secs".into(),
-        json!(view.last_event_at.map(age_secs)),
-    );
-    m.insert(
-        "last_error".into(),
-        json!(
-            view.last_error
-                .as_ref()
-                .map(|(e, at)| json!({"error": e, "at": rfc3339(*at)}))
-        ),
-    );
-    m.insert(
-        "synced".into(),
-        json!(view.synced.as_ref().map(|(revision, digest, at)| json!({
-            "revision": revision, "digest": digest, "at": rfc3339(*at),
-        }))),
-    );
-    m
 }
 
 /// `/routes`: every domain's backends and their state, with where the
 /// table stands in etcd. The digest is the last whole snapshot's (or the
 /// state file's), under `synced`: recomputing it per change would cost
-/// discovery a pass over every route.
+/// discovery a pass over every route. Written straight into one string
+/// (a `serde_json::Value` tree of a large table would weigh ten times the
+/// text).
 pub fn routes_json(table: &RouteTable, view: &StatusView) -> String {
-    let mut domains = Map::new();
-    for d in sorted(table) {
-        let backends: Vec<Value> = d
-            .domain
-            .members()
-            .map(|(b, h)| {
+    let domains = sorted(table);
+    let mut out = String::with_capacity(1024 + domains.len() * 200);
+    let first = &mut true;
+    out.push('{');
+    member(&mut out, first, "loaded", |o| {
+        o.push_str(if view.source.is_some() {
+            "true"
+        } else {
+            "false"
+        })
+    });
+    member(&mut out, first, "source", |o| {
+        json_opt_str(o, view.source.map(|s| s.name()))
+    });
+    member(&mut out, first, "api", |o| {
+        json_opt_str(o, (!view.api.is_empty()).then_some(view.api))
+    });
+    member(&mut out, first, "endpoint", |o| {
+        push_json_str(o, &view.endpoint)
+    });
+    member(&mut out, first, "state", |o| {
+        push_json_str(o, view.state.name())
+    });
+    member(&mut out, first, "revision", |o| {
+        json_opt_u64(o, view.revision)
+    });
+    member(&mut out, first, "last_event_age_secs", |o| {
+        match view.last_event_at.map(age_secs) {
+            Some(age) => o.push_str(&format!("{age:.3}")),
+            None => o.push_str("null"),
+        }
+    });
+    member(&mut out, first, "last_error", |o| match &view.last_error {
+        Some((error, at)) => {
+            o.push_str("{\"error\":");
+            push_json_str(o, error);
+            o.push_str(",\"at\":");
+            push_json_str(o, &rfc3339(*at));
+            o.push('}');
+        }
+        None => o.push_str("null"),
+    });
+    member(&mut out, first, "synced", |o| match &view.synced {
+        Some((revision, digest, at)) => {
+            o.push_str("{\"revision\":");
+            o.push_str(itoa::Buffer::new().format(*revision));
+            o.push_str(",\"digest\":");
+            push_json_str(o, digest);
+            o.push_str(",\"at\":");
+            push_json_str(o, &rfc3339(*at));
+            o.push('}');
+        }
+        None => o.push_str("null"),
+    });
+    member(&mut out, first, "domains_count", |o| {
+        o.push_str(itoa::Buffer::new().format(table.len()))
+    });
+    member(&mut out, first, "generated_at", |o| {
+        push_json_str(o, &rfc3339(SystemTime::now()))
+    });
+    member(&mut out, first, "domains", |o| {
+        o.push('{');
+        for (i, d) in domains.iter().enumerate() {
+            if i > 0 {
+                o.push(',');
+            }
+            push_json_str(o, d.name);
+            o.push_str(":{\"backends\":[");
+            for (j, (b, h)) in d.domain.members().enumerate() {
                 let s = BackendState::of(h);
-                json!({
-                    "key": b.key,
-                    "url": b.url,
-                    "state": s.name(),
-                    "ejected_until": s.until.map(rfc3339),
-                    "failures_in_a_row": s.failures_in_a_row,
-                })
-            })
-            .collect();
-        domains.insert(d.name.to_string(), json!({ "backends": backends }));
-    }
-    let mut out = discovery_json(view);
-    out.insert("domains_count".into(), table.len().into());
-    out.insert("domains".into(), Value::Object(domains));
-    out.insert("generated_at".into(), json!(rfc3339(SystemTime::now())));
-    Value::Object(out).to_string()
+                if j > 0 {
+                    o.push(',');
+                }
+                o.push_str("{\"key\":");
+                push_json_str(o, &b.key);
+                o.push_str(",\"url\":");
+                push_json_str(o, &b.url);
+                o.push_str(",\"state\":");
+                push_json_str(o, s.name());
+                o.push_str(",\"ejected_until\":");
+                json_opt_str(o, s.until.map(rfc3339).as_deref());
+                o.push_str(",\"failures_in_a_row\":");
+                o.push_str(itoa::Buffer::new().format(s.failures_in_a_row));
+                o.push('}');
+            }
+            o.push_str("]}");
+        }
+        o.push('}');
+    });
+    out.push('}');
+    out
 }
 
 /// A whole answer; the connection closes after it.
-fn answer(status: u16, kind: &str, body: Vec<u8>, head_only: bool) -> Vec<u8> {
+fn answer(
+    status: u16,
+    kind: &str,
+    extra: &[(&str, &str)],
+    body: &[u8],
+    head_only: bool,
+) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         _ => "Service Unavailable",
     };
-    let mut out = format!(
+    let mut head = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n\
          Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n\
          Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline'\r\n\
-         Connection: close\r\n\r\n",
+         Connection: close\r\n",
         body.len()
-    )
-    .into_bytes();
+    );
+    for (name, value) in extra {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut out = head.into_bytes();
     if !head_only {
-        out.extend_from_slice(&body);
+        out.extend_from_slice(body);
     }
     out
-}
-
-/// The one write helper the page and the text formats share: `out` grows,
-/// nothing fails.
-pub fn push_fmt(out: &mut String, args: std::fmt::Arguments<'_>) {
-    let _ = std::fmt::Write::write_fmt(out, args);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discovery::TableSource;
 
     #[test]
     fn heads_are_parsed_or_refused() {
@@ -455,29 +498,44 @@ mod tests {
     }
 
     #[test]
-    fn health_says_why_it_is_not_ready() {
-        let mut v = StatusView {
-            endpoint: "http://127.0.0.1:2379".into(),
-            last_error: Some(("connection refused".into(), SystemTime::now())),
-            ..StatusView::default()
-        };
-        let (status, text) = health(&v);
-        assert_eq!(status, 503);
-        assert!(text.contains("connection refused"), "{text}");
-        v.source = Some("etcd");
-        v.revision = Some(7);
-        v.domains = 2;
-        assert_eq!(health(&v).0, 200);
-        assert!(health(&v).1.contains("revision 7"));
+    fn answers_have_their_length_and_no_body_for_head() {
+        let a = answer(
+            405,
+            "text/plain",
+            &[("Allow", "GET, HEAD")],
+            b"hello",
+            false,
+        );
+        let text = String::from_utf8(a).unwrap();
+        assert!(text.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"));
+        assert!(text.contains("Content-Length: 5\r\n") && text.ends_with("\r\n\r\nhello"));
+        assert!(text.contains("\r\nAllow: GET, HEAD\r\n\r\n"));
+        let h = answer(200, "text/plain", &[], b"hello", true);
+        assert!(String::from_utf8(h).unwrap().ends_with("\r\n\r\n"));
     }
 
     #[test]
-    fn answers_have_their_length_and_no_body_for_head() {
-        let a = answer(200, "text/plain", b"hello".to_vec(), false);
-        let text = String::from_utf8(a).unwrap();
-        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
-        assert!(text.contains("Content-Length: 5\r\n") && text.ends_with("\r\n\r\nhello"));
-        let h = answer(200, "text/plain", b"hello".to_vec(), true);
-        assert!(String::from_utf8(h).unwrap().ends_with("\r\n\r\n"));
+    fn routes_json_is_json() {
+        let view = StatusView {
+            source: Some(TableSource::Etcd),
+            api: "v3",
+            endpoint: "http://e\"x".into(),
+            revision: Some(9),
+            last_event_at: Some(SystemTime::now()),
+            last_error: Some(("bad \"thing\"".into(), SystemTime::now())),
+            synced: Some((9, "00ff".into(), SystemTime::now())),
+            ..StatusView::default()
+        };
+        let b = crate::routes::Backend::parse("/d/a.com/r\"1", "http://127.0.0.1:1").unwrap();
+        let table = RouteTable::build([("a.com", Arc::new(b))], &RouteTable::default());
+        let v: serde_json::Value = serde_json::from_str(&routes_json(&table, &view)).unwrap();
+        assert_eq!(v["source"], "etcd");
+        assert_eq!(v["state"], "starting");
+        assert_eq!(v["revision"], 9);
+        assert_eq!(v["last_error"]["error"], "bad \"thing\"");
+        assert_eq!(v["synced"]["digest"], "00ff");
+        assert_eq!(v["domains"]["a.com"]["backends"][0]["key"], "/d/a.com/r\"1");
+        assert_eq!(v["domains"]["a.com"]["backends"][0]["state"], "in_rotation");
+        assert!(v["domains"]["a.com"]["backends"][0]["ejected_until"].is_null());
     }
 }

@@ -71,17 +71,54 @@ pub struct Status {
     view: Mutex<StatusView>,
 }
 
+/// Where the table being served came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableSource {
+    Etcd,
+    StateFile,
+}
+
+impl TableSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            TableSource::Etcd => "etcd",
+            TableSource::StateFile => "state_file",
+        }
+    }
+}
+
+/// What discovery is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Phase {
+    /// Choosing the API, taking the first snapshot.
+    #[default]
+    Starting,
+    /// Watching a member.
+    Watching,
+    /// The last attempt failed; retrying (the table is kept).
+    Failing,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Watching => "watching",
+            Phase::Failing => "failing",
+        }
+    }
+}
+
 /// A copy of [`Status`] at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct StatusView {
-    /// `etcd` or `state_file` once a table was loaded; `None` before.
-    pub source: Option<&'static str>,
+    /// Once a table was loaded; `None` before.
+    pub source: Option<TableSource>,
     /// `v2` or `v3`, once chosen.
     pub api: &'static str,
     /// The endpoint in use.
     pub endpoint: String,
-    /// `starting`, `watching` or `failing`.
-    pub state: &'static str,
+    pub state: Phase,
     /// etcd's revision (v3) or index (v2) the table stands at.
     pub revision: Option<Revision>,
     /// The last change etcd sent, or the last snapshot.
@@ -187,7 +224,7 @@ impl Discovery {
         stop: Arc<AtomicBool>,
     ) -> Discovery {
         status.update(|v| {
-            v.state = "starting";
+            v.state = Phase::Starting;
             v.endpoint = settings.endpoints.first().cloned().unwrap_or_default();
         });
         Discovery {
@@ -340,7 +377,7 @@ impl Discovery {
         let (domains, routes) = (self.routes.domains(), self.routes.len());
         let now = SystemTime::now();
         self.status.update(|v| {
-            v.source = Some("etcd");
+            v.source = Some(TableSource::Etcd);
             v.endpoint = endpoint.clone();
             v.revision = Some(revision);
             v.last_event_at = Some(now);
@@ -425,7 +462,7 @@ impl Discovery {
                 routes: self.routes.len(),
             });
             self.status.update(|v| {
-                v.state = "watching";
+                v.state = Phase::Watching;
                 v.endpoint = endpoint.clone();
             });
             self.announced = true;
@@ -513,7 +550,7 @@ impl Discovery {
             key: None,
         });
         self.status.update(|v| {
-            v.state = "failing";
+            v.state = Phase::Failing;
             v.last_error = Some((e.to_string(), SystemTime::now()));
         });
         self.announced = false;
@@ -541,7 +578,7 @@ impl Discovery {
                 let digest = self.routes.digest();
                 let (domains, routes) = (self.routes.domains(), self.routes.len());
                 self.status.update(|v| {
-                    v.source = Some("state_file");
+                    v.source = Some(TableSource::StateFile);
                     v.synced = Some((saved.revision, digest.clone(), SystemTime::now()));
                     (v.domains, v.routes) = (domains, routes);
                 });

@@ -10,6 +10,7 @@
 //! proxy and a backend edge in-process, without etcd or the binary.
 
 pub mod admin;
+pub mod admin_view;
 pub mod backend;
 pub mod cidr;
 pub mod cli;

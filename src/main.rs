@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use httprouter::cli::{self, Command, Config};
 use httprouter::event::Event;
-use httprouter::{admin, backend, discovery, log, metrics, proxy, routes, server, tunnel};
+use httprouter::{
+    admin, admin_view, backend, discovery, log, metrics, proxy, routes, server, tunnel,
+};
 
-const BUILD: admin::Build = admin::Build {
+const BUILD: admin_view::Build = admin_view::Build {
     version: env!("CARGO_PKG_VERSION"),
     commit: env!("HTTPROUTER_COMMIT"),
 };
@@ -129,7 +131,7 @@ fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Resul
             .map(|addr| {
                 admin::Admin::start(
                     addr,
-                    admin::Sources {
+                    admin_view::Sources {
                         table: Arc::clone(&table),
                         status: Arc::clone(&status),
                         metrics: Arc::clone(&metrics),
@@ -137,6 +139,7 @@ fn run(config: Config, logger: log::Logger, log_thread: log::LogThread) -> Resul
                         build: BUILD,
                     },
                 )
+                .map_err(|e| e.to_string())
             })
             .transpose()?;
         Ok((server, admin))

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 pub const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// Upper bounds of the duration histogram's buckets, in seconds
 /// (Prometheus's default buckets); `+Inf` follows.
-pub const DURATION_BUCKETS: [f64; 11] = [
+pub const DURATION_BUCKETS_SECS: [f64; 11] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 /// The status page's rates are over this window.
@@ -155,7 +155,7 @@ pub struct Metrics {
     /// Answers to requests that reached no domain (unknown hosts, requests
     /// refused before routing), by class.
     unrouted: [AtomicU64; 5],
-    duration_buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
+    duration_buckets: [AtomicU64; DURATION_BUCKETS_SECS.len() + 1],
     duration_sum_micros: AtomicU64,
     /// Client connections open (written by the poller).
     pub connections_open: AtomicUsize,
@@ -193,10 +193,10 @@ impl Metrics {
         };
         if let Some(took) = took {
             let secs = took.as_secs_f64();
-            let bucket = DURATION_BUCKETS
+            let bucket = DURATION_BUCKETS_SECS
                 .iter()
                 .position(|&b| secs <= b)
-                .unwrap_or(DURATION_BUCKETS.len());
+                .unwrap_or(DURATION_BUCKETS_SECS.len());
             self.duration_buckets[bucket].fetch_add(1, Ordering::Relaxed);
             let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
             self.duration_sum_micros
@@ -236,10 +236,14 @@ mod tests {
         assert_eq!(d.requests(), [1, 1, 0, 0, 2]);
         assert_eq!(m.unrouted(), [0, 0, 0, 1, 0]);
         let h = m.durations();
-        assert_eq!(h.buckets.len(), DURATION_BUCKETS.len() + 1);
+        assert_eq!(h.buckets.len(), DURATION_BUCKETS_SECS.len() + 1);
         assert_eq!(h.buckets[0], 1, "3 ms is in the 5 ms bucket");
         assert_eq!(h.buckets[3], 1, "30 ms is in the 50 ms bucket");
-        assert_eq!(h.buckets[DURATION_BUCKETS.len()], 1, "20 s is past 10 s");
+        assert_eq!(
+            h.buckets[DURATION_BUCKETS_SECS.len()],
+            1,
+            "20 s is past 10 s"
+        );
         assert!((h.sum_secs - 20.033).abs() < 1e-9);
     }
 

@@ -2,16 +2,18 @@
 //! every Prometheus server and agent scrapes): `# HELP` and `# TYPE` lines,
 //! then `name{label="value"} number` lines.
 //!
-//! Per-domain series are written for the domains in the table only, and
-//! only once non-zero, so their number is bounded by the table and what it
-//! serves. Process figures come from `/proc/self` (Linux).
+//! Per-domain series are written for every domain in the table, zeros
+//! included (a series that appears only at its first count hides that
+//! count from `rate()`), and for no other: their number is bounded by the
+//! table. Process figures come from `/proc/self` (Linux).
 
 use std::fmt::Write as _;
 
-use crate::admin::{BackendState, Sources, age_secs, sorted};
+use crate::admin_view::{BackendState, Sources, age_secs, sorted};
+use crate::discovery::Phase;
 use crate::discovery::StatusView;
 use crate::event::{KINDS, Kind};
-use crate::metrics::{CODE_CLASSES, DURATION_BUCKETS};
+use crate::metrics::{CODE_CLASSES, DURATION_BUCKETS_SECS};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -86,25 +88,21 @@ pub fn render(sources: &Sources, view: &StatusView) -> String {
     );
     for d in &domains {
         for (class, n) in CODE_CLASSES.iter().zip(d.domain.stats().requests()) {
-            if n > 0 {
-                sample(
-                    &mut out,
-                    "httprouter_requests_total",
-                    &[("code_class", class), ("domain", d.name)],
-                    n as f64,
-                );
-            }
-        }
-    }
-    for (class, n) in CODE_CLASSES.iter().zip(metrics.unrouted()) {
-        if n > 0 {
             sample(
                 &mut out,
                 "httprouter_requests_total",
-                &[("code_class", class), ("domain", "")],
+                &[("code_class", class), ("domain", d.name)],
                 n as f64,
             );
         }
+    }
+    for (class, n) in CODE_CLASSES.iter().zip(metrics.unrouted()) {
+        sample(
+            &mut out,
+            "httprouter_requests_total",
+            &[("code_class", class), ("domain", "")],
+            n as f64,
+        );
     }
 
     let h = metrics.durations();
@@ -117,7 +115,7 @@ pub fn render(sources: &Sources, view: &StatusView) -> String {
     let mut cumulative = 0u64;
     for (i, n) in h.buckets.iter().enumerate() {
         cumulative += n;
-        let le = DURATION_BUCKETS
+        let le = DURATION_BUCKETS_SECS
             .get(i)
             .map_or("+Inf".to_string(), |b| b.to_string());
         sample(
@@ -162,9 +160,7 @@ pub fn render(sources: &Sources, view: &StatusView) -> String {
         family(&mut out, name, "counter", help);
         for d in &domains {
             let n = get(d.domain.stats());
-            if n > 0 {
-                sample(&mut out, name, &[("domain", d.name)], n as f64);
-            }
+            sample(&mut out, name, &[("domain", d.name)], n as f64);
         }
     }
 
@@ -226,7 +222,11 @@ pub fn render(sources: &Sources, view: &StatusView) -> String {
         &mut out,
         "httprouter_etcd_watching",
         &[],
-        if view.state == "watching" { 1.0 } else { 0.0 },
+        if view.state == Phase::Watching {
+            1.0
+        } else {
+            0.0
+        },
     );
     family(
         &mut out,

@@ -312,12 +312,12 @@ impl Proxy {
                 budget_spent = true;
                 break;
             }
-            if tries > 0 {
-                stats.retried();
-            }
             let Some(candidate) = candidates.next() else {
                 break;
             };
+            if tries > 0 {
+                stats.retried();
+            }
             tries += 1;
             let backend = candidate.backend;
             match send(backend) {
@@ -332,10 +332,8 @@ impl Proxy {
                     return Ok((answer, backend.url.clone(), Arc::clone(stats)));
                 }
                 Err(e) => {
-                    if !matches!(e, BackendError::ClientBody { .. }) {
-                        stats.backend_failed();
-                    }
                     if counts_against_health(&e) {
+                        stats.backend_failed();
                         self.record_failure(host, domain, &candidate, &e);
                     }
                     match e {

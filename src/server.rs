@@ -346,7 +346,9 @@ fn answer_bad_head(writer: &mut impl Write, peer: SocketAddr, shared: &Shared, e
         &mut Vec::new(),
     );
     let took = started.elapsed();
-    shared.metrics.record(None, status, Some(took));
+    // Not in the duration histogram: there was no request, and this one's
+    // clock started after the head failed (a 408 would look instant).
+    shared.metrics.record(None, status, None);
     shared.log.request(RequestRecord {
         status,
         duration_ms: took.as_secs_f64() * 1000.0,
@@ -502,6 +504,9 @@ fn serve_upgrade(
         tunnel: true,
         ..Logged::default()
     };
+    // Counted as the 101 goes out, not when the tunnel ends (minutes or
+    // hours later, perhaps after the domain left the table).
+    shared.metrics.record(logged.stats.as_deref(), 101, None);
     let tunnel_stream = match http1::write_switching_head(writer, &headers) {
         Err(e) => Err(format!("writing the 101 head: {e}")),
         Ok(()) => tunnel_socket(reader.socket(), shared)
@@ -606,7 +611,8 @@ struct Logged {
     bytes_to_backend: Option<u64>,
     error: Option<String>,
     stats: Option<Arc<DomainStats>>,
-    /// An upgraded connection: its time is the session's, not a request's.
+    /// An upgraded connection, counted when its 101 went out; its time is
+    /// the session's, not a request's.
     tunnel: bool,
 }
 
@@ -617,11 +623,12 @@ fn log_request(
     logged: Logged,
 ) {
     let took = started.elapsed();
-    shared.metrics.record(
-        logged.stats.as_deref(),
-        logged.status,
-        (!logged.tunnel).then_some(took),
-    );
+    // A tunnel was counted when its 101 went out.
+    if !logged.tunnel {
+        shared
+            .metrics
+            .record(logged.stats.as_deref(), logged.status, Some(took));
+    }
     shared.log.request(RequestRecord {
         host: logged.host,
         method: incoming.method,

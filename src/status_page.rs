@@ -5,8 +5,8 @@
 
 use std::time::{Instant, SystemTime};
 
-use crate::admin::{BackendState, Sources, age_secs, push_fmt, sorted};
-use crate::discovery::StatusView;
+use crate::admin_view::{BackendState, Sources, age_secs, health, push_fmt, sorted};
+use crate::discovery::{StatusView, TableSource};
 use crate::log::rfc3339;
 
 /// Domains listed at most; `/routes` has them all.
@@ -47,7 +47,7 @@ pub fn render(sources: &Sources, view: &StatusView) -> String {
     let table = sources.table.load();
     let domains = sorted(&table);
     let now = Instant::now();
-    let mut out = String::with_capacity(8 * 1024 + domains.len() * 400);
+    let mut out = String::with_capacity(8 * 1024 + domains.len().min(PAGE_MAX_DOMAINS) * 400);
     out.push_str(concat!(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
         "<meta http-equiv=\"refresh\" content=\"10\">",
@@ -63,7 +63,7 @@ pub fn render(sources: &Sources, view: &StatusView) -> String {
     ));
 
     // Discovery.
-    let (health_status, health_text) = crate::admin::health(view);
+    let (health_status, health_text) = health(view);
     push_fmt(
         &mut out,
         format_args!(
@@ -73,7 +73,7 @@ pub fn render(sources: &Sources, view: &StatusView) -> String {
     );
     escape(&mut out, health_text.trim_end());
     out.push_str("</p>\n<h2>etcd</h2>\n<table id=\"etcd\">\n");
-    row(&mut out, "state", view.state);
+    row(&mut out, "state", view.state.name());
     row(
         &mut out,
         "API",
@@ -98,8 +98,8 @@ pub fn render(sources: &Sources, view: &StatusView) -> String {
         &mut out,
         "table from",
         match view.source {
-            Some("etcd") => "etcd",
-            Some(_) => "the state file (etcd not reached yet)",
+            Some(TableSource::Etcd) => "etcd",
+            Some(TableSource::StateFile) => "the state file (etcd not reached yet)",
             None => "nowhere yet",
         },
     );

@@ -495,3 +495,31 @@ fn the_status_page_in_a_headless_browser() {
     let png = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
     assert!(png > 1000, "no screenshot ({png} bytes)");
 }
+
+#[test]
+fn silent_admin_clients_cost_seconds_and_no_refusal() {
+    let etcd = Etcd::start();
+    let admin = free_port();
+    let admin_addr = format!("127.0.0.1:{admin}");
+    let router = Router::start(&etcd.url(), &["--admin", &admin_addr]);
+    router.wait_event("etcd.sync", |_| true);
+    // Every admin slot taken by a client that sends half a head and waits.
+    let silent: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut c = TcpStream::connect(&admin_addr).expect("connect");
+            c.write_all(b"GET /healthz HTTP/1.1\r\n").expect("send");
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // The next one waits in the backlog until a slot frees (the silent
+    // ones get 408 after 5 s), and is answered, not refused.
+    let (status, _, text) = admin_get(admin, "/healthz");
+    assert_eq!(status, 200, "{text}");
+    for mut c in silent {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    }
+}

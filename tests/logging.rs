@@ -14,6 +14,7 @@ const D: &str = "/domains";
 fn check_common_fields(line: &str) -> Value {
     let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
     assert_eq!(v["service"], "httprouter", "{line}");
+    common::check_event(&v);
     assert!(v["event"].is_string(), "{line}");
     let ts = v["timestamp"].as_str().expect("timestamp");
     // RFC 3339, UTC, with fractions: 2026-11-26T21:36:00.762817Z

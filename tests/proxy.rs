@@ -181,6 +181,8 @@ fn big_bodies_stream_in_flat_memory() {
         match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => total += n as u64,
+            // A signal to the test process (rare, seen once) is no failure.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => panic!("download: {e}"),
         }
     }

@@ -656,6 +656,26 @@ pub const GZIP_HELLO: &[u8] = &[
     0x00, 0x86, 0xa6, 0x10, 0x36, 0x05, 0x00, 0x00, 0x00,
 ];
 
+/// A log line is one of the events `src/event.rs` defines, with only the
+/// fields its definition names (every test that reads the log checks the
+/// schema this way).
+pub fn check_event(v: &Value) {
+    let name = v["event"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no event name: {v}"));
+    let kind = httprouter::event::KINDS
+        .iter()
+        .find(|k| k.name() == name)
+        .unwrap_or_else(|| panic!("{name} is not a defined event: {v}"));
+    for key in v.as_object().expect("an object").keys() {
+        assert!(
+            matches!(key.as_str(), "timestamp" | "event" | "service")
+                || kind.fields().contains(&key.as_str()),
+            "{name} has a field its definition does not name: {key} in {v}"
+        );
+    }
+}
+
 // --------------------------------------------------------------- router ----
 
 /// The router binary, started with `--listen` on a free port; its stdout
@@ -721,13 +741,18 @@ impl Router {
         self.child.as_ref().map(|c| c.id()).expect("router running")
     }
 
-    /// Parsed log events seen so far.
+    /// Parsed log events seen so far, each checked against its definition
+    /// ([`check_event`]).
     pub fn events(&self) -> Vec<Value> {
         self.lines
             .lock()
             .unwrap()
             .iter()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("log line {l:?}: {e}")))
+            .map(|l| {
+                let v = serde_json::from_str(l).unwrap_or_else(|e| panic!("log line {l:?}: {e}"));
+                check_event(&v);
+                v
+            })
             .collect()
     }
 
