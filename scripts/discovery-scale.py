@@ -129,7 +129,7 @@ def served_by(port, host, want):
 def main():
     tmp = tempfile.mkdtemp(prefix="httprouter-scale-")
     try:
-        cport, pport, rport = free_port(), free_port(), free_port()
+        cport, pport, rport, aport = free_port(), free_port(), free_port(), free_port()
         etcd_url = f"http://127.0.0.1:{cport}"
         PROCS.append(subprocess.Popen(
             ["etcd", "--name=s", f"--data-dir={tmp}/etcd", f"--listen-client-urls={etcd_url}",
@@ -152,7 +152,7 @@ def main():
         log = f"{tmp}/router.log"
         started = time.monotonic()
         router = subprocess.Popen([ROUTER, "--listen", f"127.0.0.1:{rport}", "--etcdurl", etcd_url,
-                                   "--logfile", log])
+                                   "--logfile", log, "--admin", f"127.0.0.1:{aport}"])
         PROCS.append(router)
         last = f"d{DOMAINS - 1}.example.com"
         while True:
@@ -199,6 +199,24 @@ def main():
         print(f"peak RSS after all of it: {rss_end:.1f} MiB; log.dropped lines: {names.get('log.dropped', 0)}; "
               f"route events: {names.get('route.add', 0)} route.add, {names.get('route.change', 0)} route.change, "
               f"{names.get('route.bulk', 0)} route.bulk lines listing {listed}")
+
+        # The admin side over the whole table: each page once, then 8 of
+        # the table-wide ones at once (rendered one at a time).
+        for path in ["/healthz", "/metrics", "/routes", "/"]:
+            t0 = time.monotonic()
+            body = urllib.request.urlopen(f"http://127.0.0.1:{aport}{path}", timeout=60).read()
+            print(f"admin {path}: {len(body) / 1024:.0f} KiB in {(time.monotonic() - t0) * 1000:.0f} ms")
+        before = vm_hwm(router.pid)
+        def fetch(path):
+            urllib.request.urlopen(f"http://127.0.0.1:{aport}{path}", timeout=60).read()
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=fetch, args=(p,)) for p in ["/routes", "/metrics"] * 4]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(f"admin: 8 table-wide pages at once in {(time.monotonic() - t0) * 1000:.0f} ms; "
+              f"peak RSS {before:.1f} -> {vm_hwm(router.pid):.1f} MiB")
     finally:
         for p in PROCS:
             p.send_signal(signal.SIGTERM)

@@ -9,9 +9,10 @@
 //! listen backlog, never refused. A connection has [`ADMIN_READ_SECS`] to
 //! send its head and [`ADMIN_WRITE_SECS`] to take its answer, in all, so a
 //! slow or hostile client holds a thread for seconds at most. The pages
-//! that walk the whole table are rendered one at a time, so concurrent
-//! requests for them cannot multiply the memory a large table's answer
-//! takes; `/healthz` never waits for them.
+//! that walk the whole table are rendered and sent one at a time, so
+//! concurrent requests for them cannot multiply the memory a large table's
+//! answer takes (megabytes at 10,000 domains); `/healthz` never waits for
+//! them.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -122,7 +123,7 @@ fn sample(table: &SharedTable, stop: &AtomicBool) {
 fn accept_loop(listener: TcpListener, sources: &Sources, stop: &AtomicBool) {
     let active = Arc::new(AtomicUsize::new(0));
     // The pages that walk the whole table, one at a time.
-    let heavy = Arc::new(Mutex::new(()));
+    let heavy = Arc::new(Mutex::new(String::new()));
     loop {
         // At the cap, the next connection waits in the backlog: a refusal
         // would look like an unhealthy router to a health check.
@@ -176,7 +177,7 @@ impl AdminError {
     }
 }
 
-fn serve(mut conn: TcpStream, sources: &Sources, heavy: &Mutex<()>) {
+fn serve(mut conn: TcpStream, sources: &Sources, heavy: &Mutex<String>) {
     let deadline = Instant::now() + Duration::from_secs(ADMIN_READ_SECS);
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 2048];
@@ -207,12 +208,21 @@ fn serve(mut conn: TcpStream, sources: &Sources, heavy: &Mutex<()>) {
             Err(_) => return,
         }
     };
+    // Held until the answer is sent, with the buffer the table-wide pages
+    // are written into, reused (a poisoned lock holds a buffer like any).
+    let mut turn = match &parsed {
+        Ok((_, path)) if TABLE_WIDE.contains(&path.as_str()) => {
+            Some(heavy.lock().unwrap_or_else(|p| p.into_inner()))
+        }
+        _ => None,
+    };
+    let buf = turn.as_deref_mut().map(std::mem::take).unwrap_or_default();
     let (head_only, reply) = match parsed {
-        Ok((method, path)) => (method == "HEAD", route(&method, &path, sources, heavy)),
+        Ok((method, path)) => (method == "HEAD", route(&method, &path, sources, buf)),
         Err(e) => (false, Err(e)),
     };
-    let bytes = match reply {
-        Ok((status, kind, body)) => answer(status, kind, &[], &body, head_only),
+    let (head, body) = match reply {
+        Ok((status, kind, body)) => (answer_head(status, kind, &[], body.len()), body),
         Err(e) => {
             let (status, text) = e.answer();
             let allow: &[(&str, &str)] = if e == AdminError::MethodNotAllowed {
@@ -220,21 +230,26 @@ fn serve(mut conn: TcpStream, sources: &Sources, heavy: &Mutex<()>) {
             } else {
                 &[]
             };
-            answer(
-                status,
-                "text/plain; charset=utf-8",
-                allow,
-                text.as_bytes(),
-                head_only,
-            )
+            let kind = "text/plain; charset=utf-8";
+            (answer_head(status, kind, allow, text.len()), text.into())
         }
     };
     let deadline = Instant::now() + Duration::from_secs(ADMIN_WRITE_SECS);
-    if write_within(&mut conn, &bytes, deadline).is_ok() {
+    let sent: &[u8] = if head_only { &[] } else { body.as_bytes() };
+    let written = write_within(&mut conn, head.as_bytes(), deadline)
+        .and_then(|()| write_within(&mut conn, sent, deadline));
+    if let Some(buf) = turn.as_deref_mut() {
+        *buf = body;
+    }
+    drop(turn);
+    if written.is_ok() {
         let _ = conn.shutdown(std::net::Shutdown::Write);
         drain(&mut conn);
     }
 }
+
+/// The pages that walk the whole table.
+const TABLE_WIDE: [&str; 3] = ["/routes", "/metrics", "/"];
 
 /// Writes all of `bytes` unless `deadline` passes first.
 fn write_within(conn: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
@@ -289,24 +304,20 @@ fn parse_head(head: &[u8]) -> Result<Option<(String, String)>, AdminError> {
     Ok(Some((method.to_string(), path.to_string())))
 }
 
-type Page = (u16, &'static str, Vec<u8>);
+type Page = (u16, &'static str, String);
 
-fn route(
-    method: &str,
-    path: &str,
-    sources: &Sources,
-    heavy: &Mutex<()>,
-) -> Result<Page, AdminError> {
+/// The answer to a request; a table-wide page is written into `buf`.
+fn route(method: &str, path: &str, sources: &Sources, buf: String) -> Result<Page, AdminError> {
     if method != "GET" && method != "HEAD" {
         return Err(AdminError::MethodNotAllowed);
     }
     let view = sources.status.view();
     if path == "/healthz" {
         let (status, text) = health(&view);
-        return Ok((status, "text/plain; charset=utf-8", text.into_bytes()));
+        return Ok((status, "text/plain; charset=utf-8", text));
     }
-    let render: fn(&Sources, &StatusView) -> String = match path {
-        "/routes" => |s, v| routes_json(&s.table.load(), v),
+    let render: fn(&Sources, &StatusView, String) -> String = match path {
+        "/routes" => |s, v, buf| routes_json(&s.table.load(), v, buf),
         "/metrics" => prometheus::render,
         "/" => status_page::render,
         _ => return Err(AdminError::NotFound),
@@ -316,9 +327,7 @@ fn route(
         "/metrics" => prometheus::CONTENT_TYPE,
         _ => "text/html; charset=utf-8",
     };
-    // A poisoned lock guards nothing but the turn.
-    let _turn = heavy.lock().unwrap_or_else(|p| p.into_inner());
-    Ok((200, kind, render(sources, &view).into_bytes()))
+    Ok((200, kind, render(sources, &view, buf)))
 }
 
 /// `"name":` then the value written by `value`, after a comma unless first.
@@ -351,9 +360,10 @@ fn json_opt_u64(out: &mut String, n: Option<u64>) {
 /// discovery a pass over every route. Written straight into one string
 /// (a `serde_json::Value` tree of a large table would weigh ten times the
 /// text).
-pub fn routes_json(table: &RouteTable, view: &StatusView) -> String {
+pub fn routes_json(table: &RouteTable, view: &StatusView, mut out: String) -> String {
     let domains = sorted(table);
-    let mut out = String::with_capacity(1024 + domains.len() * 200);
+    out.clear();
+    out.reserve(1024 + domains.len() * 200);
     let first = &mut true;
     out.push('{');
     member(&mut out, first, "loaded", |o| {
@@ -445,14 +455,8 @@ pub fn routes_json(table: &RouteTable, view: &StatusView) -> String {
     out
 }
 
-/// A whole answer; the connection closes after it.
-fn answer(
-    status: u16,
-    kind: &str,
-    extra: &[(&str, &str)],
-    body: &[u8],
-    head_only: bool,
-) -> Vec<u8> {
+/// An answer's head; the connection closes after the answer.
+fn answer_head(status: u16, kind: &str, extra: &[(&str, &str)], length: usize) -> String {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
@@ -466,17 +470,13 @@ fn answer(
          Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n\
          Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline'\r\n\
          Connection: close\r\n",
-        body.len()
+        length
     );
     for (name, value) in extra {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str("\r\n");
-    let mut out = head.into_bytes();
-    if !head_only {
-        out.extend_from_slice(body);
-    }
-    out
+    head
 }
 
 #[cfg(test)]
@@ -498,20 +498,11 @@ mod tests {
     }
 
     #[test]
-    fn answers_have_their_length_and_no_body_for_head() {
-        let a = answer(
-            405,
-            "text/plain",
-            &[("Allow", "GET, HEAD")],
-            b"hello",
-            false,
-        );
-        let text = String::from_utf8(a).unwrap();
+    fn answer_heads_have_the_length_and_the_extra_fields_last() {
+        let text = answer_head(405, "text/plain", &[("Allow", "GET, HEAD")], 5);
         assert!(text.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"));
-        assert!(text.contains("Content-Length: 5\r\n") && text.ends_with("\r\n\r\nhello"));
-        assert!(text.contains("\r\nAllow: GET, HEAD\r\n\r\n"));
-        let h = answer(200, "text/plain", &[], b"hello", true);
-        assert!(String::from_utf8(h).unwrap().ends_with("\r\n\r\n"));
+        assert!(text.contains("Content-Length: 5\r\n"));
+        assert!(text.ends_with("\r\nAllow: GET, HEAD\r\n\r\n"));
     }
 
     #[test]
@@ -528,7 +519,8 @@ mod tests {
         };
         let b = crate::routes::Backend::parse("/d/a.com/r\"1", "http://127.0.0.1:1").unwrap();
         let table = RouteTable::build([("a.com", Arc::new(b))], &RouteTable::default());
-        let v: serde_json::Value = serde_json::from_str(&routes_json(&table, &view)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&routes_json(&table, &view, String::new())).unwrap();
         assert_eq!(v["source"], "etcd");
         assert_eq!(v["state"], "starting");
         assert_eq!(v["revision"], 9);

@@ -56,11 +56,14 @@ fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: f64) {
     }
 }
 
-/// The whole exposition.
-pub fn render(sources: &Sources, view: &StatusView) -> String {
-    let mut out = String::with_capacity(16 * 1024);
+/// The whole exposition, written into `out` (emptied first; a buffer
+/// reused from scrape to scrape).
+pub fn render(sources: &Sources, view: &StatusView, mut out: String) -> String {
     let table = sources.table.load();
     let domains = sorted(&table);
+    // About 0.6 KiB of series per domain: sized once, not doubled into.
+    out.clear();
+    out.reserve(16 * 1024 + domains.len() * 640);
     let metrics = &sources.metrics;
     let counts = sources.log.counts();
 

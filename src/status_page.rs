@@ -43,11 +43,13 @@ fn ago(t: SystemTime) -> String {
     }
 }
 
-pub fn render(sources: &Sources, view: &StatusView) -> String {
+/// The page, written into `out` (emptied first).
+pub fn render(sources: &Sources, view: &StatusView, mut out: String) -> String {
     let table = sources.table.load();
     let domains = sorted(&table);
     let now = Instant::now();
-    let mut out = String::with_capacity(8 * 1024 + domains.len().min(PAGE_MAX_DOMAINS) * 400);
+    out.clear();
+    out.reserve(8 * 1024 + domains.len().min(PAGE_MAX_DOMAINS) * 400);
     out.push_str(concat!(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
         "<meta http-equiv=\"refresh\" content=\"10\">",
