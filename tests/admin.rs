@@ -187,14 +187,27 @@ fn endpoints_before_and_after_the_first_table() {
     // A backend that refuses: ejected after one failure.
     let dead = format!("http://127.0.0.1:{}", free_port());
     etcd.put(&format!("{D}/down.example.com/gone"), &dead);
+    // One that refuses and one that answers: a failed connect is retried
+    // on the other.
+    let m1 = Backend::start("m1");
+    etcd.put(&format!("{D}/mixed.example.com/dead"), &dead);
+    etcd.put(&format!("{D}/mixed.example.com/live"), &m1.url());
     router.wait_backends("a.example.com", &["a1", "a2"]);
     router.wait_route("down.example.com");
+    for key in ["dead", "live"] {
+        router.wait_event("route.add", |e| {
+            e["key"] == format!("{D}/mixed.example.com/{key}")
+        });
+    }
     let (status, _, text) = admin_get(admin, "/healthz");
     assert_eq!(status, 200, "{text}");
     assert!(
-        text.starts_with("ok: 2 domains, 3 routes from etcd"),
+        text.starts_with("ok: 3 domains, 5 routes from etcd"),
         "{text}"
     );
+    for _ in 0..4 {
+        assert_eq!(router.get("mixed.example.com", "/").status, 200);
+    }
 
     for _ in 0..10 {
         assert_eq!(router.get("a.example.com", "/").status, 200);
@@ -207,7 +220,7 @@ fn endpoints_before_and_after_the_first_table() {
     assert_eq!(r["loaded"], true);
     assert_eq!(r["source"], "etcd");
     assert_eq!(r["state"], "watching");
-    assert_eq!(r["domains_count"], 2);
+    assert_eq!(r["domains_count"], 3);
     assert!(r["revision"].as_u64().is_some_and(|n| n > 0), "{r}");
     assert!(r["last_event_age_secs"].as_f64().is_some_and(|a| a >= 0.0));
     let sync = router.wait_event("etcd.sync", |_| true);
@@ -258,9 +271,28 @@ fn endpoints_before_and_after_the_first_table() {
         value(&m, "httprouter_backend_ejections_total", &down_label),
         1.0
     );
+    let mixed = [("domain", "mixed.example.com")];
+    assert_eq!(value(&m, "httprouter_retries_total", &mixed), 1.0);
+    assert_eq!(value(&m, "httprouter_backend_failures_total", &mixed), 1.0);
+    assert_eq!(
+        value(
+            &m,
+            "httprouter_requests_total",
+            &[("code_class", "2xx"), ("domain", "mixed.example.com")],
+        ),
+        4.0
+    );
+    // A domain with nothing of a kind still has the series, at zero.
+    assert_eq!(
+        m["httprouter_retries_total"]
+            .iter()
+            .find(|s| s.labels["domain"] == "a.example.com")
+            .map(|s| s.value),
+        Some(0.0)
+    );
     assert_eq!(
         value(&m, "httprouter_backends", &[("state", "ejected")]),
-        1.0
+        2.0
     );
     // The histogram: cumulative buckets, +Inf equal to the count, which
     // counts every answer.
@@ -276,7 +308,7 @@ fn endpoints_before_and_after_the_first_table() {
     assert_eq!(value(&m, "httprouter_etcd_watching", &[]), 1.0);
     assert_eq!(
         value(&m, "httprouter_log_events_total", &[("event", "route.add")]),
-        3.0
+        5.0
     );
     let build = &m["httprouter_build_info"][0];
     assert_eq!(build.labels["version"], env!("CARGO_PKG_VERSION"));
@@ -293,10 +325,7 @@ fn endpoints_before_and_after_the_first_table() {
         "httprouter_etcd_errors_total",
         "httprouter_etcd_resyncs_total",
     ] {
-        assert!(
-            m.contains_key(name) || name == "httprouter_retries_total",
-            "{name} missing"
-        );
+        assert!(m.contains_key(name), "{name} missing");
     }
     assert!(value(&m, "process_resident_memory_bytes", &[]) > 1e6);
 

@@ -80,6 +80,12 @@ struct Collector {
 }
 
 fn collector(fail_first: usize) -> Collector {
+    collector_failing(move |seen| seen <= fail_first)
+}
+
+/// A collector that answers 503 to the POSTs for which `fails(n)` holds
+/// (n counts them from 1), and stores the bodies of the others.
+fn collector_failing(fails: impl Fn(usize) -> bool + Send + 'static) -> Collector {
     let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
     let url = format!("http://{}/ingest", server.server_addr().to_ip().unwrap());
     let bodies = Arc::new(Mutex::new(Vec::new()));
@@ -90,7 +96,7 @@ fn collector(fail_first: usize) -> Collector {
             let mut body = String::new();
             let _ = std::io::Read::read_to_string(rq.as_reader(), &mut body);
             seen += 1;
-            if seen <= fail_first {
+            if fails(seen) {
                 let _ = rq.respond(tiny_http::Response::empty(503));
                 continue;
             }
@@ -139,32 +145,6 @@ fn log_url_receives_batches_and_survives_a_failing_collector() {
     );
 }
 
-/// A collector that answers 503 while `down` is set, and stores what it
-/// accepts.
-fn switchable_collector(down: Arc<std::sync::atomic::AtomicBool>) -> Collector {
-    let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
-    let url = format!("http://{}/ingest", server.server_addr().to_ip().unwrap());
-    let bodies = Arc::new(Mutex::new(Vec::new()));
-    let (s, b) = (Arc::clone(&server), Arc::clone(&bodies));
-    std::thread::spawn(move || {
-        while let Ok(mut rq) = s.recv() {
-            let mut body = String::new();
-            let _ = std::io::Read::read_to_string(rq.as_reader(), &mut body);
-            if down.load(std::sync::atomic::Ordering::SeqCst) {
-                let _ = rq.respond(tiny_http::Response::empty(503));
-                continue;
-            }
-            b.lock().unwrap().push(body);
-            let _ = rq.respond(tiny_http::Response::empty(204));
-        }
-    });
-    Collector {
-        url,
-        bodies,
-        _server: server,
-    }
-}
-
 /// A collector down for 20 s (long enough for the retries to back off to
 /// 16 s) while far more than the 8 MiB buffer is logged: memory stays
 /// bounded, and once the collector is back the count of dropped lines
@@ -176,7 +156,10 @@ fn log_url_outage_costs_bounded_memory_and_reports_what_it_dropped() {
     let b = Backend::start("out");
     etcd.put(&format!("{D}/out.example.com/r"), &b.url());
     let down = Arc::new(AtomicBool::new(true));
-    let c = switchable_collector(Arc::clone(&down));
+    let c = {
+        let down = Arc::clone(&down);
+        collector_failing(move |_| down.load(Ordering::SeqCst))
+    };
     let outage = std::time::Instant::now();
     let router = Router::start(&etcd.url(), &["--logurl", &c.url]);
     eventually("the route", || {

@@ -216,7 +216,8 @@ fn setup(extra: &[&str]) -> (Etcd, WsEcho, Backend, Router) {
 
 #[test]
 fn websocket_messages_flow_both_ways_through_the_tunnel() {
-    let (_etcd, ws, _other, router) = setup(&[]);
+    let admin = common::free_port();
+    let (_etcd, ws, _other, router) = setup(&["--admin", &format!("127.0.0.1:{admin}")]);
     let mut client = handshake(&router, HOST);
     assert!(client.head.starts_with("HTTP/1.1 101 "), "{}", client.head);
     assert!(
@@ -243,6 +244,16 @@ fn websocket_messages_flow_both_ways_through_the_tunnel() {
         // Other requests are served meanwhile.
         assert_eq!(router.get("other.example.com", "/").status, 200);
     }
+    // The 101 is counted as it goes out, while the tunnel is open.
+    let metrics = common::agent(Duration::from_secs(10))
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .call()
+        .expect("/metrics")
+        .into_body()
+        .read_to_string()
+        .expect("the metrics");
+    let line = format!("httprouter_requests_total{{code_class=\"1xx\",domain=\"{HOST}\"}} 1\n");
+    assert!(metrics.contains(&line), "{line} not in:\n{metrics}");
     client.send(8, b"\x03\xe8bye");
     assert_eq!(client.receive().map(|f| f.0), Some(8));
     drop(client);
