@@ -139,7 +139,32 @@ fn metrics(port: u16) -> HashMap<String, Vec<Sample>> {
     let (status, kind, body) = admin_get(port, "/metrics");
     assert_eq!(status, 200);
     assert_eq!(kind, "text/plain; version=0.0.4; charset=utf-8");
+    promtool_check(&body);
     parse_prometheus(&body)
+}
+
+/// Prometheus's own linter, where installed (Debian's `prometheus`
+/// package has `promtool`): the text must pass `promtool check metrics`.
+fn promtool_check(text: &str) {
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        return;
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(text.as_bytes()).expect("feed promtool");
+    }
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The value of `name` with exactly these labels (0 when absent).
