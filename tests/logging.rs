@@ -166,13 +166,13 @@ fn log_url_outage_costs_bounded_memory_and_reports_what_it_dropped() {
         (router.get("out.example.com", "/").status == 200).then_some(())
     });
     let base = common::rss_kib(router.pid());
-    // 4,000 lines of about 6 KiB: 24 MiB of log, three times the buffer.
+    // 12,000 lines of about 6 KiB: 72 MiB of log, nine times the buffer.
     let agent = "a".repeat(6 * 1024);
     let sent: usize = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..4)
             .map(|_| {
                 scope.spawn(|| {
-                    (0..1000)
+                    (0..3000)
                         .filter(|_| {
                             common::request(
                                 &router.addr(),
@@ -191,14 +191,16 @@ fn log_url_outage_costs_bounded_memory_and_reports_what_it_dropped() {
             .collect();
         workers.into_iter().map(|w| w.join().unwrap()).sum()
     });
-    assert_eq!(sent, 4000);
+    assert_eq!(sent, 12_000);
     while outage.elapsed() < std::time::Duration::from_secs(20) {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     let grown = common::peak_rss_kib(router.pid()).saturating_sub(base);
+    // The 8 MiB buffer, the batch being retried, the queue and the
+    // allocator's arenas; not the 72 MiB.
     assert!(
-        grown < 20 * 1024,
-        "24 MiB logged while the collector was down grew RSS by {grown} KiB"
+        grown < 32 * 1024,
+        "72 MiB logged while the collector was down grew RSS by {grown} KiB"
     );
     assert!(
         c.bodies.lock().unwrap().is_empty(),
@@ -226,7 +228,7 @@ fn log_url_outage_costs_bounded_memory_and_reports_what_it_dropped() {
     // Every line is either delivered or counted (a few are still on their
     // way in later batches).
     assert!(
-        delivered + dropped <= 4_001 + 10 && delivered > 0,
+        delivered + dropped <= 12_001 + 10 && delivered > 0,
         "delivered {delivered}, dropped {dropped}"
     );
     assert!(
