@@ -6,18 +6,25 @@
 //! (see [`admin_view`](crate::admin_view)); no request changes anything.
 //! Each connection gets one answer and is closed. At most
 //! [`ADMIN_MAX_CONNECTIONS`] are served at once; the next ones wait in the
-//! listen backlog, never refused. A connection has [`ADMIN_READ_SECS`] to
-//! send its head and [`ADMIN_WRITE_SECS`] to take its answer, in all, so a
-//! slow or hostile client holds a thread for seconds at most. The pages
-//! that walk the whole table are rendered and sent one at a time, so
-//! concurrent requests for them cannot multiply the memory a large table's
-//! answer takes (megabytes at 10,000 domains); `/healthz` never waits for
-//! them.
+//! listen backlog (not refused, up to the backlog's length). A connection
+//! has [`ADMIN_READ_SECS`] from its accept to send its head, and
+//! [`ADMIN_WRITE_SECS`] to take its whole answer, so a slow or hostile
+//! client holds a thread for seconds at most.
+//!
+//! The pages that walk the whole table (`/routes`, `/metrics`, `/`) take
+//! turns: rendered and sent one at a time into one reused buffer, so
+//! concurrent requests for them cannot multiply the memory a large
+//! table's answer takes (megabytes at 10,000 domains). At most
+//! [`ADMIN_TABLE_WIDE_MAX`] wait or hold the turn, none waits past its
+//! head deadline, and the rest are answered `503` with `Retry-After` at
+//! once: readers that never read can delay those pages, never take every
+//! slot, so `/healthz` is answered within the head deadlines of the
+//! connections ahead of it.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -36,6 +43,10 @@ pub const ADMIN_READ_SECS: u64 = 5;
 /// The whole answer must be taken within this.
 pub const ADMIN_WRITE_SECS: u64 = 10;
 const ADMIN_HEAD_MAX_BYTES: usize = 16 * 1024;
+/// Table-wide pages waiting for their turn or holding it, at most; more
+/// are answered `503` with `Retry-After` at once. Two slots stay for
+/// `/healthz` and the small answers.
+pub const ADMIN_TABLE_WIDE_MAX: usize = ADMIN_MAX_CONNECTIONS - 2;
 /// After the answer, what the client sent beyond its head is read and
 /// dropped for this long (at most [`ADMIN_DRAIN_BYTES`]): closing with
 /// unread input would send a reset that can destroy the answer.
@@ -120,10 +131,29 @@ fn sample(table: &SharedTable, stop: &AtomicBool) {
     }
 }
 
+/// The pages that walk the whole table (`/routes`, `/metrics`, `/`): they
+/// take turns, rendered and sent one at a time into one reused buffer, and
+/// at most [`ADMIN_TABLE_WIDE_MAX`] wait or hold the turn, so the other
+/// slots stay free for `/healthz`.
+#[derive(Default)]
+struct TableWide {
+    buffer: Mutex<String>,
+    /// Requests waiting for the turn or holding it.
+    queued: AtomicUsize,
+}
+
+/// Gives a count back when dropped, panic or not.
+struct Held<'a>(&'a AtomicUsize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn accept_loop(listener: TcpListener, sources: &Sources, stop: &AtomicBool) {
     let active = Arc::new(AtomicUsize::new(0));
-    // The pages that walk the whole table, one at a time.
-    let heavy = Arc::new(Mutex::new(String::new()));
+    let pages = Arc::new(TableWide::default());
     loop {
         // At the cap, the next connection waits in the backlog: a refusal
         // would look like an unhealthy router to a health check.
@@ -143,12 +173,13 @@ fn accept_loop(listener: TcpListener, sources: &Sources, stop: &AtomicBool) {
             continue;
         };
         active.fetch_add(1, Ordering::SeqCst);
-        let (sources, held, heavy) = (sources.clone(), Arc::clone(&active), Arc::clone(&heavy));
+        let (sources, active_here, pages) =
+            (sources.clone(), Arc::clone(&active), Arc::clone(&pages));
         let spawned = std::thread::Builder::new()
             .name("admin-conn".into())
             .spawn(move || {
-                serve(conn, &sources, &heavy);
-                held.fetch_sub(1, Ordering::SeqCst);
+                let _slot = Held(&active_here);
+                serve(conn, &sources, &pages);
             });
         if spawned.is_err() {
             active.fetch_sub(1, Ordering::SeqCst);
@@ -164,6 +195,8 @@ enum AdminError {
     Timeout,
     MethodNotAllowed,
     NotFound,
+    /// Too many table-wide pages waiting, or no turn in time.
+    Busy,
 }
 
 impl AdminError {
@@ -173,48 +206,39 @@ impl AdminError {
             AdminError::Timeout => (408, "408 the request head did not arrive in time\n"),
             AdminError::MethodNotAllowed => (405, "405 only GET and HEAD\n"),
             AdminError::NotFound => (404, "404 not found: try /, /healthz, /routes or /metrics\n"),
+            AdminError::Busy => (
+                503,
+                "503 busy sending other table-wide pages; retry in a second\n",
+            ),
         }
     }
 }
 
-fn serve(mut conn: TcpStream, sources: &Sources, heavy: &Mutex<String>) {
+fn serve(mut conn: TcpStream, sources: &Sources, pages: &TableWide) {
     let deadline = Instant::now() + Duration::from_secs(ADMIN_READ_SECS);
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 2048];
-    let parsed = loop {
-        match parse_head(&head) {
-            Ok(Some(request)) => break Ok(request),
-            Ok(None) if head.len() >= ADMIN_HEAD_MAX_BYTES => break Err(AdminError::BadRequest),
-            Ok(None) => {}
-            Err(e) => break Err(e),
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break Err(AdminError::Timeout);
-        }
-        let _ = conn.set_read_timeout(Some(left));
-        match conn.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                break Err(AdminError::Timeout);
-            }
-            Err(_) => return,
-        }
+    let parsed = read_head(&mut conn, deadline);
+    let parsed = match parsed {
+        Ok(Some(request)) => Ok(request),
+        Ok(None) => return,
+        Err(e) => Err(e),
     };
-    // Held until the answer is sent, with the buffer the table-wide pages
-    // are written into, reused (a poisoned lock holds a buffer like any).
-    let mut turn = match &parsed {
-        Ok((_, path)) if TABLE_WIDE.contains(&path.as_str()) => {
-            Some(heavy.lock().unwrap_or_else(|p| p.into_inner()))
-        }
-        _ => None,
+    // A table-wide page waits for its turn (no longer than the head could
+    // have taken) and keeps it until the answer is sent.
+    let table_wide = matches!(&parsed, Ok((method, path))
+        if (method == "GET" || method == "HEAD") && TABLE_WIDE.contains(&path.as_str()));
+    let ahead = table_wide.then(|| pages.queued.fetch_add(1, Ordering::SeqCst));
+    let queued = ahead.map(|_| Held(&pages.queued));
+    let mut turn = None;
+    let parsed = match parsed {
+        Ok(_) if ahead.is_some_and(|n| n >= ADMIN_TABLE_WIDE_MAX) => Err(AdminError::Busy),
+        Ok(request) if table_wide => match wait_turn(&pages.buffer, deadline) {
+            Some(guard) => {
+                turn = Some(guard);
+                Ok(request)
+            }
+            None => Err(AdminError::Busy),
+        },
+        other => other,
     };
     let buf = turn.as_deref_mut().map(std::mem::take).unwrap_or_default();
     let (head_only, reply) = match parsed {
@@ -225,13 +249,13 @@ fn serve(mut conn: TcpStream, sources: &Sources, heavy: &Mutex<String>) {
         Ok((status, kind, body)) => (answer_head(status, kind, &[], body.len()), body),
         Err(e) => {
             let (status, text) = e.answer();
-            let allow: &[(&str, &str)] = if e == AdminError::MethodNotAllowed {
-                &[("Allow", "GET, HEAD")]
-            } else {
-                &[]
+            let extra: &[(&str, &str)] = match e {
+                AdminError::MethodNotAllowed => &[("Allow", "GET, HEAD")],
+                AdminError::Busy => &[("Retry-After", "1")],
+                _ => &[],
             };
             let kind = "text/plain; charset=utf-8";
-            (answer_head(status, kind, allow, text.len()), text.into())
+            (answer_head(status, kind, extra, text.len()), text.into())
         }
     };
     let deadline = Instant::now() + Duration::from_secs(ADMIN_WRITE_SECS);
@@ -239,12 +263,79 @@ fn serve(mut conn: TcpStream, sources: &Sources, heavy: &Mutex<String>) {
     let written = write_within(&mut conn, head.as_bytes(), deadline)
         .and_then(|()| write_within(&mut conn, sent, deadline));
     if let Some(buf) = turn.as_deref_mut() {
+        let mut body = body;
+        // Kept for the next page, unless the table has shrunk a lot.
+        if body.capacity() > 4 * body.len().max(64 * 1024) {
+            body.shrink_to(body.len());
+        }
         *buf = body;
     }
     drop(turn);
+    drop(queued);
     if written.is_ok() {
         let _ = conn.shutdown(std::net::Shutdown::Write);
         drain(&mut conn);
+    }
+}
+
+/// The turn of the table-wide pages, waited for until `deadline` (a
+/// poisoned lock holds a buffer like any).
+fn wait_turn(buffer: &Mutex<String>, deadline: Instant) -> Option<MutexGuard<'_, String>> {
+    loop {
+        match buffer.try_lock() {
+            Ok(guard) => return Some(guard),
+            Err(TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) if Instant::now() >= deadline => return None,
+            Err(TryLockError::WouldBlock) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
+/// Reads a request head until `deadline`: its method and path, `None` if
+/// the client went away, or why there is none. The head is parsed only
+/// once its blank line has arrived, so a client dripping bytes costs a
+/// scan of each byte once, not a parse per read.
+fn read_head(
+    conn: &mut TcpStream,
+    deadline: Instant,
+) -> Result<Option<(String, String)>, AdminError> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 2048];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(AdminError::Timeout);
+        }
+        let _ = conn.set_read_timeout(Some(left));
+        let n = match conn.read(&mut buf) {
+            Ok(0) => return Ok(None),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(AdminError::Timeout);
+            }
+            Err(_) => return Ok(None),
+        };
+        // The blank line may straddle two reads.
+        let from = head.len().saturating_sub(3);
+        head.extend_from_slice(&buf[..n]);
+        let tail = &head[from..];
+        let ended =
+            tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n");
+        if ended {
+            return match parse_head(&head) {
+                Ok(Some(request)) => Ok(Some(request)),
+                Ok(None) | Err(_) => Err(AdminError::BadRequest),
+            };
+        }
+        if head.len() >= ADMIN_HEAD_MAX_BYTES {
+            return Err(AdminError::BadRequest);
+        }
     }
 }
 

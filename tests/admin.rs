@@ -577,3 +577,70 @@ fn silent_admin_clients_cost_seconds_and_no_refusal() {
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
     }
 }
+
+/// Clients that ask for a large table-wide page and never read it hold its
+/// turn for the whole write deadline: the others wait at most their head
+/// deadline or are told to retry, and `/healthz` is still answered.
+#[test]
+fn readers_that_never_read_cannot_starve_healthz() {
+    let dir = TempDir::new("admin-slow-readers");
+    let state = dir.path().join("routes.json");
+    // 20,000 domains: a /metrics of about 11 MiB, far past what the
+    // sockets buffer, so its writes block while nobody reads.
+    let leaves: Vec<(String, String)> = (0..20_000)
+        .map(|i| {
+            (
+                format!("{D}/d{i}.example.com/r"),
+                "http://127.0.0.1:9".to_string(),
+            )
+        })
+        .collect();
+    httprouter::state_file::save(
+        &state,
+        "v2",
+        D,
+        7,
+        leaves.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .expect("a state file");
+    let admin = free_port();
+    let admin_addr = format!("127.0.0.1:{admin}");
+    let down = format!("http://127.0.0.1:{}", free_port());
+    let router = Router::start(
+        &down,
+        &[
+            "--state-file",
+            state.to_str().unwrap(),
+            "--admin",
+            &admin_addr,
+        ],
+    );
+    router.wait_event("state.load", |_| true);
+    let stalled: Vec<TcpStream> = (0..10)
+        .map(|_| {
+            let mut c = TcpStream::connect(&admin_addr).expect("connect");
+            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n")
+                .expect("send");
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // Before the turn had a bound, each stalled reader ahead cost 10 s.
+    let resp = common::agent(Duration::from_secs(30))
+        .get(format!("http://127.0.0.1:{admin}/healthz"))
+        .call()
+        .expect("/healthz answered while table-wide pages stall");
+    assert_eq!(resp.status().as_u16(), 200);
+    // Some of the stalled ones were told to come back.
+    let busy = stalled
+        .into_iter()
+        .filter_map(|mut c| {
+            c.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+            let mut head = [0u8; 64];
+            let n = c.read(&mut head).ok()?;
+            Some(String::from_utf8_lossy(&head[..n]).into_owned())
+        })
+        .filter(|h| h.starts_with("HTTP/1.1 503"))
+        .count();
+    assert!(busy >= 4, "{busy} of 10 were answered 503");
+}
