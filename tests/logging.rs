@@ -298,20 +298,50 @@ fn request_lines(paths: &[&std::path::Path]) -> usize {
     n
 }
 
+/// A router logging to `router.log` in a fresh directory, serving
+/// `<name>.example.com`, which has answered once.
+struct LogFileRouter {
+    _etcd: Etcd,
+    _backend: Backend,
+    dir: TempDir,
+    path: std::path::PathBuf,
+    router: Router,
+}
+
+fn log_file_router(name: &str) -> LogFileRouter {
+    let etcd = Etcd::start();
+    let backend = Backend::start(name);
+    let host = format!("{name}.example.com");
+    etcd.put(&format!("{D}/{host}/r"), &backend.url());
+    let dir = TempDir::new(name);
+    let path = dir.path().join("router.log");
+    let router = Router::start(&etcd.url(), &["--logfile", path.to_str().unwrap()]);
+    eventually("the route", || {
+        (router.get(&host, "/").status == 200).then_some(())
+    });
+    LogFileRouter {
+        _etcd: etcd,
+        _backend: backend,
+        dir,
+        path,
+        router,
+    }
+}
+
 /// logrotate's way: the file is moved, then SIGHUP. Under load, every
 /// request is logged once, whole, in the old file or the new one.
 #[test]
 fn sighup_reopens_the_log_file_and_loses_no_line() {
-    let etcd = Etcd::start();
-    let b = Backend::start("rot");
-    etcd.put(&format!("{D}/rot.example.com/r"), &b.url());
-    let dir = TempDir::new("logrotate");
-    let path = dir.path().join("router.log");
+    // Every field bound: a field left to `..` would be dropped here, and
+    // etcd and the backend with it.
+    let LogFileRouter {
+        _etcd: _etcd_kept,
+        _backend: _backend_kept,
+        dir,
+        path,
+        mut router,
+    } = log_file_router("rot");
     let rotated = dir.path().join("router.log.1");
-    let mut router = Router::start(&etcd.url(), &["--logfile", path.to_str().unwrap()]);
-    eventually("the route", || {
-        (router.get("rot.example.com", "/").status == 200).then_some(())
-    });
     let sent = requests_while(&router, "rot.example.com", || {
         std::thread::sleep(std::time::Duration::from_millis(300));
         std::fs::rename(&path, &rotated).expect("rename");
@@ -334,16 +364,16 @@ fn sighup_reopens_the_log_file_and_loses_no_line() {
 /// second and writes to a new file at the path.
 #[test]
 fn a_log_file_moved_without_a_signal_is_reopened() {
-    let etcd = Etcd::start();
-    let b = Backend::start("mv");
-    etcd.put(&format!("{D}/mv.example.com/r"), &b.url());
-    let dir = TempDir::new("logmove");
-    let path = dir.path().join("router.log");
+    // Every field bound: a field left to `..` would be dropped here, and
+    // etcd and the backend with it.
+    let LogFileRouter {
+        _etcd: _etcd_kept,
+        _backend: _backend_kept,
+        dir,
+        path,
+        mut router,
+    } = log_file_router("mv");
     let moved = dir.path().join("router.log.old");
-    let mut router = Router::start(&etcd.url(), &["--logfile", path.to_str().unwrap()]);
-    eventually("the route", || {
-        (router.get("mv.example.com", "/").status == 200).then_some(())
-    });
     std::fs::rename(&path, &moved).expect("rename");
     eventually("a new log file at the path", || {
         router.get("mv.example.com", "/");
