@@ -299,7 +299,8 @@ fn request_lines(paths: &[&std::path::Path]) -> usize {
 }
 
 /// A router logging to `router.log` in a fresh directory, serving
-/// `<name>.example.com`, which has answered once.
+/// `<name>.example.com`, which has answered once. Etcd and the backend
+/// live as long as it.
 struct LogFileRouter {
     _etcd: Etcd,
     _backend: Backend,
@@ -332,26 +333,19 @@ fn log_file_router(name: &str) -> LogFileRouter {
 /// request is logged once, whole, in the old file or the new one.
 #[test]
 fn sighup_reopens_the_log_file_and_loses_no_line() {
-    // Every field bound: a field left to `..` would be dropped here, and
-    // etcd and the backend with it.
-    let LogFileRouter {
-        _etcd: _etcd_kept,
-        _backend: _backend_kept,
-        dir,
-        path,
-        mut router,
-    } = log_file_router("rot");
-    let rotated = dir.path().join("router.log.1");
-    let sent = requests_while(&router, "rot.example.com", || {
+    let mut t = log_file_router("rot");
+    let path = t.path.clone();
+    let rotated = t.dir.path().join("router.log.1");
+    let sent = requests_while(&t.router, "rot.example.com", || {
         std::thread::sleep(std::time::Duration::from_millis(300));
         std::fs::rename(&path, &rotated).expect("rename");
         std::thread::sleep(std::time::Duration::from_millis(100));
-        router.signal("-HUP");
+        t.router.signal("-HUP");
         eventually("the new log file", || path.exists().then_some(()));
         std::thread::sleep(std::time::Duration::from_millis(300));
     }) + 1; // and the one that found the route
     assert!(
-        router.terminate().success(),
+        t.router.terminate().success(),
         "SIGHUP must not end the router"
     );
     let new = std::fs::read_to_string(&path).expect("the reopened file");
@@ -364,24 +358,17 @@ fn sighup_reopens_the_log_file_and_loses_no_line() {
 /// second and writes to a new file at the path.
 #[test]
 fn a_log_file_moved_without_a_signal_is_reopened() {
-    // Every field bound: a field left to `..` would be dropped here, and
-    // etcd and the backend with it.
-    let LogFileRouter {
-        _etcd: _etcd_kept,
-        _backend: _backend_kept,
-        dir,
-        path,
-        mut router,
-    } = log_file_router("mv");
-    let moved = dir.path().join("router.log.old");
+    let mut t = log_file_router("mv");
+    let path = t.path.clone();
+    let moved = t.dir.path().join("router.log.old");
     std::fs::rename(&path, &moved).expect("rename");
     eventually("a new log file at the path", || {
-        router.get("mv.example.com", "/");
+        t.router.get("mv.example.com", "/");
         std::fs::read_to_string(&path)
             .ok()
             .filter(|t| t.contains("\"router.request\""))
     });
-    assert!(router.terminate().success());
+    assert!(t.router.terminate().success());
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains("\"reason\":\"deleted_or_moved\""), "{text}");
 }
