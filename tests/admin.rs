@@ -644,3 +644,33 @@ fn readers_that_never_read_cannot_starve_healthz() {
         .count();
     assert!(busy >= 4, "{busy} of 10 were answered 503");
 }
+
+#[test]
+fn an_admin_side_beyond_loopback_is_warned_about() {
+    let etcd = Etcd::start();
+    let port = free_port();
+    let router = Router::start(&etcd.url(), &["--admin", &format!("0.0.0.0:{port}")]);
+    let start = router.wait_event("admin.start", |_| true);
+    assert_eq!(start["listen"], format!("0.0.0.0:{port}"));
+    let w = router.wait_event("service.warning", |e| e.get("admin").is_some());
+    assert!(
+        w["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no authentication"),
+        "{w}"
+    );
+    // On loopback, no such warning.
+    let quiet = Router::start(
+        &etcd.url(),
+        &["--admin", &format!("127.0.0.1:{}", free_port())],
+    );
+    quiet.wait_event("admin.start", |_| true);
+    quiet.wait_event("service.start", |_| true);
+    assert!(
+        quiet
+            .events_named("service.warning")
+            .iter()
+            .all(|e| e.get("admin").is_none())
+    );
+}
